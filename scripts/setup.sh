@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by `make demo` and `make test`: a Python 3.11 venv at .venv with
+# torch/torchvision, Detectron2, the runtime dependencies and this package (editable).
+# Re-running is cheap: a stamp records the hash of the inputs that shaped the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+STAMP="$VENV/.ohem_d2_setup"
+want=$(cat scripts/setup.sh requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import ohem_d2" 2>/dev/null; then
+    exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+pip install -q --upgrade pip
+
+# torch first: any later package asking for torch then finds it satisfied, so pip never
+# reaches for a multi-GB build other than the pinned one.
+pip install -q "torch==2.14.1" "torchvision==0.29.1"
+
+if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
+    # Detectron2 is not on PyPI under its own name. sal-detectron2 is a wheel of upstream's
+    # Python sources tagged cp310; its compiled _C cannot load here and nothing of ours
+    # needs it. Users with upstream access may instead install Detectron2 from source first;
+    # this step then keeps theirs.
+    site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    pip install -q --no-deps --only-binary=:all: --python-version 3.10 \
+        --target "$site" --upgrade "sal-detectron2==0.7.2"
+    # The wheel also ships upstream's scripts as a top-level package `tools`, which would
+    # shadow any other package of that name.
+    rm -rf "$site/tools"
+fi
+
+pip install -q -r requirements.txt -r requirements-dev.txt
+# torch pulls a newer setuptools; Detectron2's model_zoo needs pkg_resources (< 81).
+pip install -q "setuptools>=77.0.3,<81"
+pip install -q --no-deps --no-build-isolation -e .
+
+echo "$want" > "$STAMP"
+echo "set-up complete: $VENV"
