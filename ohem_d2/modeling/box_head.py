@@ -1,7 +1,7 @@
 """VGG's fc6/fc7 as a Detectron2 box head."""
 
-import torch
 import fvcore.nn.weight_init as weight_init
+import torch
 import torch.nn as nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec

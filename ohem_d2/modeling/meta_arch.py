@@ -1,7 +1,5 @@
 """Fast R-CNN: GeneralizedRCNN whose proposal generator reads each input's own proposals."""
 
-from typing import Dict, List
-
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
@@ -17,7 +15,7 @@ class FastRCNN(GeneralizedRCNN):
     decides which of them the ROI heads see, in training and inference alike.
     """
 
-    def _precomputed_proposals(self, batched_inputs: List[Dict]) -> List[Instances]:
+    def _precomputed_proposals(self, batched_inputs: list[dict]) -> list[Instances]:
         names = [
             str(x.get("file_name", x.get("image_id", i))) for i, x in enumerate(batched_inputs)
         ]
@@ -32,7 +30,7 @@ class FastRCNN(GeneralizedRCNN):
             return proposals
         return self.proposal_generator(proposals, image_names=names)
 
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
@@ -43,7 +41,7 @@ class FastRCNN(GeneralizedRCNN):
         return detector_losses
 
     def inference(
-        self, batched_inputs: List[Dict], detected_instances=None, do_postprocess: bool = True
+        self, batched_inputs: list[dict], detected_instances=None, do_postprocess: bool = True
     ):
         if detected_instances is not None:
             raise ValueError("FastRCNN does not refine given detections")
@@ -56,7 +54,7 @@ class FastRCNN(GeneralizedRCNN):
         return self.postprocess(results, batched_inputs, images)
 
     @staticmethod
-    def postprocess(results: List[Instances], batched_inputs: List[Dict], images: ImageList):
+    def postprocess(results: list[Instances], batched_inputs: list[dict], images: ImageList):
         """Rescale detections to each input's original size (its "height"/"width")."""
         processed = []
         for r, x, size in zip(results, batched_inputs, images.image_sizes):

@@ -1,7 +1,5 @@
 """The proposal generator of Fast R-CNN: it hands precomputed (selective-search) boxes on."""
 
-from typing import List, Optional
-
 import torch
 import torch.nn as nn
 from detectron2.config import configurable
@@ -55,8 +53,8 @@ class SelectiveSearchProposals(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, precomputed: List[Instances], image_names: Optional[List[str]] = None
-    ) -> List[Instances]:
+        self, precomputed: list[Instances], image_names: list[str] | None = None
+    ) -> list[Instances]:
         """
         Args:
             precomputed: per image, Instances with `proposal_boxes` (R, 4) in the resized
