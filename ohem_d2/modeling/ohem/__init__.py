@@ -1,9 +1,20 @@
-"""Online hard example mining (Shrivastava, Gupta, Girshick, CVPR 2016) for Detectron2 ROI heads."""
+"""Online hard example mining (Shrivastava, Gupta, Girshick, CVPR 2016) for Detectron2 ROI heads.
 
+Importing this package registers ``OHEMROIHeads``, ``OHEMRes5ROIHeads`` and
+``OHEMCascadeROIHeads`` in Detectron2's ``ROI_HEADS_REGISTRY``.
+"""
+
+from .miner import HardExampleMiner
 from .mining import select_hard_examples
+from .roi_heads import OHEMCascadeROIHeads, OHEMHeadMixin, OHEMRes5ROIHeads, OHEMROIHeads
 from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_losses, readonly_mode
 
 __all__ = [
+    "HardExampleMiner",
+    "OHEMCascadeROIHeads",
+    "OHEMHeadMixin",
+    "OHEMROIHeads",
+    "OHEMRes5ROIHeads",
     "ReadonlyScorer",
     "check_box_predictor_supported",
     "per_roi_losses",

@@ -1,0 +1,147 @@
+"""The OHEM component shared by all ROI heads: readonly scoring, then hard-RoI selection.
+
+It needs no subclassing: any ROI head that labels its proposals (without subsampling) and
+trains a :class:`FastRCNNOutputLayers`-like predictor can call it and train on what it returns.
+"""
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .mining import select_hard_examples
+from .scoring import BoxForward, Predictions, ReadonlyScorer
+
+__all__ = ["HardExampleMiner"]
+
+
+class HardExampleMiner:
+    """Replaces the random fg/bg sampling of an ROI head by online hard example mining.
+
+    Per image: the loss of every labelled RoI under the current weights (readonly pass, no
+    autograd), NMS with the loss as score, then the ``batch_size_per_image`` hardest RoIs.
+    Logs ``ohem/num_candidates``, ``ohem/num_after_nms`` (means per image),
+    ``ohem/fg_fraction`` (of the hard set), ``ohem/mean_loss_all`` and ``ohem/mean_loss_hard``
+    (readonly losses, mean per RoI) to the current EventStorage; the keys are relative, so a
+    caller's ``storage.name_scope`` prefixes them.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        batch_size_per_image: int,
+        nms_thresh: float = 0.7,
+        nms_per_label: bool = True,
+        positive_fraction: float = -1.0,
+        hardness: str = "cls+box",
+        readonly_train_mode: bool = True,
+        readonly_chunk_size: int = 1024,
+    ):
+        """
+        Args:
+            batch_size_per_image: hard RoIs kept per image (the paper's B/N).
+            nms_thresh: IoU threshold of the de-duplicating NMS; >= 1 turns it off.
+            nms_per_label: suppress only among RoIs with the same assigned label.
+            positive_fraction: -1 for pure OHEM, or the largest fraction of foreground
+                RoIs in (0, 1].
+            hardness, readonly_train_mode, readonly_chunk_size: see :class:`ReadonlyScorer`.
+        """
+        if batch_size_per_image <= 0:
+            raise ValueError(f"batch_size_per_image must be > 0, got {batch_size_per_image}")
+        if not (positive_fraction == -1 or 0 < positive_fraction <= 1):
+            raise ValueError(f"positive_fraction must be -1 or in (0, 1], got {positive_fraction}")
+        self.batch_size_per_image = batch_size_per_image
+        self.nms_thresh = nms_thresh
+        self.nms_per_label = nms_per_label
+        self.positive_fraction = positive_fraction
+        self.scorer = ReadonlyScorer(
+            hardness=hardness, train_mode=readonly_train_mode, chunk_size=readonly_chunk_size
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        ohem = cfg.MODEL.ROI_HEADS.OHEM
+        return {
+            "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+            "nms_thresh": ohem.NMS_THRESH,
+            "nms_per_label": ohem.NMS_PER_LABEL,
+            "positive_fraction": ohem.POSITIVE_FRACTION,
+            "hardness": ohem.HARDNESS,
+            "readonly_train_mode": ohem.READONLY_TRAIN_MODE,
+            "readonly_chunk_size": ohem.READONLY_CHUNK_SIZE,
+        }
+
+    def __call__(
+        self,
+        features: Sequence[torch.Tensor],
+        proposals: Sequence[Instances],
+        *,
+        box_forward: BoxForward,
+        box_predictor: nn.Module,
+        readonly_modules: Iterable[nn.Module],
+    ) -> tuple[list[Instances], Predictions]:
+        """Mine the hard RoIs of a batch.
+
+        Args:
+            features: the head's input feature maps, each (N, C, H, W).
+            proposals: N Instances, every RoI labelled (fields ``proposal_boxes``,
+                ``gt_classes`` in [0, K] or -1, and ``gt_boxes`` when the image has ground
+                truth), not subsampled.
+            box_forward, box_predictor, readonly_modules: see :class:`ReadonlyScorer`.
+
+        Returns:
+            hard: N Instances, the hard subsets of ``proposals`` (hardest first), with all
+                their fields; train the head on these.
+            predictions: readonly scores (R, K+1) and deltas of all R RoIs of ``proposals``
+                (e.g. to refine the boxes of the next cascade stage).
+        """
+        losses, predictions = self.scorer(
+            features,
+            proposals,
+            box_forward=box_forward,
+            box_predictor=box_predictor,
+            readonly_modules=readonly_modules,
+        )
+        background = box_predictor.num_classes
+        hard, hard_losses, num_after_nms = [], [], []
+        for props, loss in zip(proposals, losses):
+            keep, n_nms = select_hard_examples(
+                loss,
+                props.proposal_boxes.tensor,
+                props.gt_classes,
+                batch_size=self.batch_size_per_image,
+                nms_thresh=self.nms_thresh,
+                nms_per_label=self.nms_per_label,
+                background_label=background,
+                positive_fraction=self.positive_fraction,
+            )
+            hard.append(props[keep])
+            hard_losses.append(loss[keep])
+            num_after_nms.append(n_nms)
+        _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
+        return hard, predictions
+
+
+@torch.no_grad()
+def _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background) -> None:
+    candidate = torch.cat([p.gt_classes for p in proposals]) >= 0
+    candidate_losses = torch.cat(losses)[candidate]
+    hard_losses = torch.cat(hard_losses)
+    hard_labels = torch.cat([h.gt_classes for h in hard])
+    num_images = len(proposals)
+    storage = get_event_storage()
+    storage.put_scalar("ohem/num_candidates", candidate_losses.numel() / num_images)
+    storage.put_scalar("ohem/num_after_nms", sum(num_after_nms) / num_images)
+    storage.put_scalar(
+        "ohem/fg_fraction", int((hard_labels != background).sum()) / max(hard_labels.numel(), 1)
+    )
+    storage.put_scalar("ohem/mean_loss_all", _mean(candidate_losses))
+    storage.put_scalar("ohem/mean_loss_hard", _mean(hard_losses))
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else 0.0
