@@ -11,7 +11,16 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 STAMP="$VENV/.ohem_d2_setup"
 want=$(cat scripts/setup.sh requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 
+link_model_zoo_configs() {
+    # configs/model_zoo -> Detectron2's bundled model-zoo configs, so that our configs can
+    # name them as _BASE_ with a path that resolves from this repo.
+    local zoo
+    zoo=$("$VENV/bin/python" -c "import detectron2, os; print(os.path.join(os.path.dirname(detectron2.__file__), 'model_zoo', 'configs'))")
+    [ -d "$zoo" ] && ln -sfn "$zoo" configs/model_zoo
+}
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import ohem_d2" 2>/dev/null; then
+    [ -e configs/model_zoo ] || link_model_zoo_configs
     exit 0
 fi
 
@@ -41,5 +50,6 @@ pip install -q -r requirements.txt -r requirements-dev.txt
 pip install -q "setuptools>=77.0.3,<81"
 pip install -q --no-deps --no-build-isolation -e .
 
+link_model_zoo_configs
 echo "$want" > "$STAMP"
 echo "set-up complete: $VENV"

@@ -39,7 +39,10 @@ def build_detection_evaluator(dataset_name: str, output_dir: str) -> DatasetEval
     ("bbox": AP, AP50, AP75, APs, APm, APl) for every dataset, COCO-style ones included."""
     meta = MetadataCatalog.get(dataset_name)
     evaluators = []
-    if meta.get("evaluator_type", None) == "pascal_voc":
+    # register_pascal_voc() sets no evaluator_type (Detectron2's builtin registration adds
+    # it afterwards), so a VOC-layout dataset is also recognised by its VOC metadata.
+    voc_metadata = all(meta.get(k, None) is not None for k in ("dirname", "year", "split"))
+    if meta.get("evaluator_type", None) == "pascal_voc" or voc_metadata:
         evaluators.append(
             RenamedEvaluator(PascalVOCDetectionEvaluator(dataset_name), {"bbox": "voc_bbox"})
         )
