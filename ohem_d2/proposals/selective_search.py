@@ -30,14 +30,18 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import cv2
@@ -129,9 +133,33 @@ def selective_search_boxes(
     return boxes.astype(np.float32)
 
 
-def _worker_init() -> None:
+def _pool_worker_init() -> None:
     # Processes give the parallelism; OpenCV threads inside each would only compete.
     cv2.setNumThreads(1)
+    # Ctrl-C reaches the whole process group: only the parent handles it (it saves the
+    # finished images and stops the pool); a worker finishes its current image.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _results_in_processes(tasks, workers):
+    """Yield ``_process_image`` results in completion order, at most 4 tasks per worker
+    queued. A crashed worker raises ``BrokenProcessPool`` instead of hanging."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=_pool_worker_init
+    )
+    try:
+        queue = iter(tasks)
+        pending = {executor.submit(_process_image, t) for t in itertools.islice(queue, 4 * workers)}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = next(queue, None)
+                if task is not None:
+                    pending.add(executor.submit(_process_image, task))
+                yield future.result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _process_image(task):
@@ -354,18 +382,13 @@ def compute_proposal_file(
         dynamic_ncols=True,
     )
     last_flush = time.monotonic()
-    pool = None
+    previous_threads = cv2.getNumThreads()
+    if workers == 1:
+        cv2.setNumThreads(1)
+        results = map(_process_image, tasks)
+    else:
+        results = _results_in_processes(tasks, workers)
     try:
-        if workers == 1:
-            previous_threads = cv2.getNumThreads()
-            _worker_init()
-            results = map(_process_image, tasks)
-        else:
-            context = multiprocessing.get_context(
-                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            )
-            pool = context.Pool(workers, initializer=_worker_init)
-            results = pool.imap_unordered(_process_image, tasks)
         for k, boxes, error in results:
             image_id, path = images[k]
             if error is not None:
@@ -381,21 +404,20 @@ def compute_proposal_file(
             if len(writer) >= flush_every or time.monotonic() - last_flush > flush_seconds:
                 writer.flush()
                 last_flush = time.monotonic()
-    except KeyboardInterrupt:
+    except BaseException:
+        # Ctrl-C or a failure: keep what is finished, so that a rerun resumes from here.
         writer.flush()
         logger.warning(
-            "Interrupted: %d images are kept in %s; run the same command again to resume.",
+            "Stopped: %d images are kept in %s; run the same command again to resume.",
             len(done),
             partial,
         )
         raise
     finally:
+        if hasattr(results, "close"):
+            results.close()  # stops the worker processes
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        elif workers == 1:
-            cv2.setNumThreads(previous_threads)
+        cv2.setNumThreads(previous_threads)
     writer.flush()
 
     skipped_ids = {s[0] for s in run.skipped}
@@ -492,6 +514,13 @@ def main(argv=None) -> int:
         )
     except KeyboardInterrupt:
         return 130
+    except BrokenProcessPool as e:
+        print(
+            f"A worker process died ({e}); out of memory, or OpenCV crashed on an image? "
+            "Finished images are kept: run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 1
     for image_id, path, reason in run.skipped:
         print(f"skipped {image_id}: {path}: {reason}", file=sys.stderr)
     done = run.computed + run.reused
