@@ -1,7 +1,11 @@
 """Registration of the project's datasets for a training run."""
 
+import os
+
 from ..data.embedded import (
     EMBEDDED_DATASET_NAMES,
+    default_embedded_root,
+    embedded_proposal_file,
     generate_embedded_dataset,
     register_embedded_dataset,
 )
@@ -13,6 +17,12 @@ def register_project_datasets():
 
 
 def prepare_embedded_dataset(cfg):
-    """Generate the embedded dataset and its proposals if `cfg` uses it and it is missing."""
-    if set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST) & set(EMBEDDED_DATASET_NAMES):
-        generate_embedded_dataset()
+    """Generate the embedded dataset and its proposals if `cfg` uses it and none is there.
+
+    An existing one is kept as it is, whatever parameters made it (tests make small ones).
+    """
+    if not set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST) & set(EMBEDDED_DATASET_NAMES):
+        return
+    root = default_embedded_root()
+    if not all(os.path.exists(embedded_proposal_file(root, s)) for s in ("trainval", "test")):
+        generate_embedded_dataset(root)

@@ -15,7 +15,9 @@ class FastRCNN(GeneralizedRCNN):
     decides which of them the ROI heads see, in training and inference alike.
     """
 
-    def _precomputed_proposals(self, batched_inputs: list[dict]) -> list[Instances]:
+    def select_proposals(self, batched_inputs: list[dict]) -> list[Instances]:
+        """The proposals the ROI heads see for `batched_inputs`: each input's "proposals"
+        (resized with the image), filtered by the proposal generator."""
         names = [
             str(x.get("file_name", x.get("image_id", i))) for i, x in enumerate(batched_inputs)
         ]
@@ -36,7 +38,7 @@ class FastRCNN(GeneralizedRCNN):
         images = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         features = self.backbone(images.tensor)
-        proposals = self._precomputed_proposals(batched_inputs)
+        proposals = self.select_proposals(batched_inputs)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         return detector_losses
 
@@ -47,7 +49,7 @@ class FastRCNN(GeneralizedRCNN):
             raise ValueError("FastRCNN does not refine given detections")
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        proposals = self._precomputed_proposals(batched_inputs)
+        proposals = self.select_proposals(batched_inputs)
         results, _ = self.roi_heads(images, features, proposals, None)
         if not do_postprocess:
             return results
