@@ -219,6 +219,7 @@ def main(argv=None) -> int:
     from detectron2.utils.visualizer import Visualizer
 
     from ohem_d2.data.proposal_io import ProposalFileError
+    from ohem_d2.modeling.proposal_generator import MissingProposalsError
 
     cfg = build_visualize_cfg(args.config_file, args.opts)
     try:
@@ -250,7 +251,12 @@ def main(argv=None) -> int:
             failed.append(path)
             print(f"skipped {path}: {e}", file=sys.stderr)
             continue
-        instances = _predict(model, cfg, image, boxes, scores)
+        try:
+            instances = _predict(model, cfg, image, boxes, scores)
+        except MissingProposalsError as e:  # every box below the generator's MIN_SIZE
+            failed.append(path)
+            print(f"skipped {path}: {e}", file=sys.stderr)
+            continue
         shown = instances[instances.scores >= args.confidence]
         drawing = Visualizer(image_rgb, metadata).draw_instance_predictions(shown)
         out_path = _output_path(args.output, path, used_names)
