@@ -216,3 +216,13 @@ def test_detectron1_pickle_with_scores(tmp_path, toy_test_dicts):
         boxes, scores = converted[record["image_id"]]
         np.testing.assert_array_equal(boxes, [[1, 2, record["width"], 30]])
         np.testing.assert_allclose(scores, [0.9])
+
+
+def test_mat_ids_given_as_file_names(tmp_path, toy_test_dicts):
+    rng = np.random.default_rng(6)
+    raw = [_random_mat_boxes(rng, r["height"], r["width"], k=2) for r in toy_test_dicts]
+    names = [f"JPEGImages/{r['image_id']}.jpg" for r in toy_test_dicts]
+    mat = _write_mat(tmp_path / "ss.mat", raw, names)
+    stats = convert_fast_rcnn_mat(mat, toy_test_dicts, str(tmp_path / "ss.npz"))
+    assert stats.images == len(toy_test_dicts)
+    assert list(_by_id(tmp_path / "ss.npz")) == [str(r["image_id"]) for r in toy_test_dicts]

@@ -245,7 +245,8 @@ def _image_size(record: dict) -> tuple[int, int]:
 
 
 def _match_ids(source: str, file_ids: Sequence[str], dataset_dicts: list[dict]) -> list[str]:
-    """Map the file's image ids to the dataset's (by image id, else by file name stem).
+    """Map the file's image ids to the dataset's (by image id, else by file name stem: the
+    file's ids may be file names with or without directory and extension).
 
     Raises:
         ProposalFileError: duplicates, ids not in the dataset (naming the first few), or a
@@ -260,10 +261,11 @@ def _match_ids(source: str, file_ids: Sequence[str], dataset_dicts: list[dict]) 
             )
     matched, unknown = [], []
     for file_id in file_ids:
+        stem = os.path.splitext(os.path.basename(file_id))[0]  # ids given as file names
         if file_id in by_id:
             matched.append(by_id[file_id])
-        elif len(by_stem.get(file_id, ())) == 1:
-            matched.append(by_stem[file_id][0])
+        elif len(by_stem.get(stem, ())) == 1:
+            matched.append(by_stem[stem][0])
         else:
             unknown.append(file_id)
     if unknown:
