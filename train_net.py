@@ -5,12 +5,15 @@ python train_net.py --config-file configs/frcn_vgg16_ohem.yaml --num-gpus 4
 python train_net.py --config-file configs/frcn_vgg16_ohem.yaml --eval-only MODEL.WEIGHTS m.pth
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
+import sys
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 import ohem_d2
 from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets
+from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
+from ohem_d2.engine.distributed import DistributedSetupError, check_dist_url
 
 
 def build_cfg(args):
@@ -28,7 +31,7 @@ def main(args):
     register_project_datasets()
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
@@ -42,6 +45,14 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     # Generated once here, before any worker process starts (a no-op when present).
     prepare_embedded_dataset(build_cfg(args))
+    try:
+        check_dist_url(
+            args.dist_url,
+            world_size=args.num_gpus * args.num_machines,
+            machine_rank=args.machine_rank,
+        )
+    except DistributedSetupError as e:
+        sys.exit(f"ERROR: {e}")
     launch(
         main,
         args.num_gpus,

@@ -59,15 +59,65 @@ def dataset_dicts_with_proposals(names, proposal_files, *, filter_empty, trusted
     return dataset
 
 
-def proposal_mapper(cfg, is_train):
-    """Detectron2's DatasetMapper, keeping every proposal of the file.
+def proposal_mapper(cfg, is_train, *, max_consecutive_unreadable=50):
+    """Detectron2's DatasetMapper, keeping every proposal of the file, wrapped so that an
+    image that cannot be read is skipped in training and named in the error at test time.
 
     The mapper resizes and flips the proposals with the image; choosing which of them the
     ROI heads see (min size, de-duplication, top-k) is the proposal generator's job.
     """
     kwargs = DatasetMapper.from_config(cfg, is_train)
     kwargs["precomputed_proposal_topk"] = sys.maxsize
-    return DatasetMapper(**kwargs)
+    return UnreadableImageGuard(
+        DatasetMapper(**kwargs), skip=is_train, max_consecutive=max_consecutive_unreadable
+    )
+
+
+class UnreadableImageError(OSError):
+    """An image file of the dataset is missing, corrupt or truncated."""
+
+
+class UnreadableImageGuard:
+    """Wraps a dataset mapper; handles images that cannot be read (OSError while decoding).
+
+    With ``skip`` (training), such an image is logged with its path and a running count and
+    the mapper returns None, on which Detectron2's MapDataset maps another random image
+    instead: a bad file costs one warning, not a crash hours into a run. After
+    ``max_consecutive`` unreadable images in a row it raises, since then the dataset (not an
+    image) is broken; give at most the dataset's size, since MapDataset fails with an unclear
+    error once it has no readable image left to try. Without ``skip`` (evaluation, where
+    every image must be scored), it raises :class:`UnreadableImageError` naming the file.
+    """
+
+    def __init__(self, mapper, *, skip: bool, max_consecutive: int = 50):
+        self.mapper, self.skip, self.max_consecutive = mapper, skip, max_consecutive
+        self.skipped: set[str] = set()
+        self.consecutive = 0
+
+    def __call__(self, dataset_dict):
+        path = dataset_dict.get("file_name", "<no file_name>")
+        try:
+            mapped = self.mapper(dataset_dict)
+        except OSError as e:
+            message = f"Cannot read image {path!r}: {type(e).__name__}: {e}"
+            if not self.skip:
+                raise UnreadableImageError(message) from e
+            self.consecutive += 1
+            if self.consecutive >= self.max_consecutive:
+                raise UnreadableImageError(
+                    f"{self.consecutive} images in a row could not be read; last: {message}"
+                ) from e
+            if path not in self.skipped:
+                self.skipped.add(path)
+                logger.warning(
+                    "%s. Skipped; training uses another image instead "
+                    "(%d unreadable image(s) skipped so far in this process).",
+                    message,
+                    len(self.skipped),
+                )
+            return None
+        self.consecutive = 0
+        return mapped
 
 
 def build_train_loader_with_proposals(cfg):
@@ -77,7 +127,8 @@ def build_train_loader_with_proposals(cfg):
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         trusted=cfg.DATASETS.PROPOSAL_FILES_TRUSTED,
     )
-    return build_detection_train_loader(cfg, dataset=dataset, mapper=proposal_mapper(cfg, True))
+    mapper = proposal_mapper(cfg, True, max_consecutive_unreadable=min(50, len(dataset)))
+    return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
 
 
 def build_test_loader_with_proposals(cfg, dataset_name):

@@ -1,17 +1,20 @@
 """Detectron2's DefaultTrainer with proposal-aware data loaders, dataset-following
-evaluators and a DDP wrapper that also works for CPU models."""
+evaluators, a DDP wrapper that also works for CPU models, safe and strict checkpoint loading,
+and a ``metrics.json`` that stays consistent across a crash and ``--resume``."""
 
 import logging
+import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import SafeDetectionCheckpointer
 from .evaluation import build_detection_evaluator
 from .loaders import build_test_loader_with_proposals, build_train_loader_with_proposals
+from .resume import WriteMetricsAtCheckpoints, truncate_metrics
 
 
 def ddp_device_ids(model):
@@ -35,13 +38,33 @@ class Trainer(DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        self.checkpointer = SafeDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if resume and comm.is_main_process():
+            # Metrics logged after the checkpoint describe work that is lost and redone now.
+            truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter - 1)
+
+    def build_writers(self):
+        self._metric_writers = super().build_writers()
+        return self._metric_writers
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if comm.is_main_process():
+            # Before the periodic writer (the last hook), after checkpointing and evaluation.
+            at_checkpoints = WriteMetricsAtCheckpoints(
+                self._metric_writers, self.cfg.SOLVER.CHECKPOINT_PERIOD
+            )
+            hooks.insert(len(hooks) - 1, at_checkpoints)
+        return hooks
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -13,9 +13,9 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .mining import select_hard_examples
-from .scoring import BoxForward, Predictions, ReadonlyScorer
+from .scoring import HARDNESS_CHOICES, BoxForward, Predictions, ReadonlyScorer
 
-__all__ = ["HardExampleMiner"]
+__all__ = ["HardExampleMiner", "check_ohem_config"]
 
 
 class HardExampleMiner:
@@ -64,6 +64,7 @@ class HardExampleMiner:
 
     @classmethod
     def from_config(cls, cfg):
+        check_ohem_config(cfg)
         ohem = cfg.MODEL.ROI_HEADS.OHEM
         return {
             "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
@@ -124,6 +125,31 @@ class HardExampleMiner:
             num_after_nms.append(n_nms)
         _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
         return hard, predictions
+
+
+def check_ohem_config(cfg) -> None:
+    """Raise ValueError naming the config key if an OHEM setting is out of its range."""
+    ohem = cfg.MODEL.ROI_HEADS.OHEM
+    key = "MODEL.ROI_HEADS.OHEM."
+    problems = []
+    if cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE <= 0:
+        problems.append(
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE (hard RoIs per image) must be > 0, got "
+            f"{cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE}"
+        )
+    if ohem.HARDNESS not in HARDNESS_CHOICES:
+        problems.append(f"{key}HARDNESS must be one of {HARDNESS_CHOICES}, got {ohem.HARDNESS!r}")
+    if not ohem.NMS_THRESH >= 0:
+        problems.append(f"{key}NMS_THRESH must be >= 0 (>= 1 turns NMS off), got {ohem.NMS_THRESH}")
+    if not (ohem.POSITIVE_FRACTION == -1 or 0 < ohem.POSITIVE_FRACTION <= 1):
+        problems.append(
+            f"{key}POSITIVE_FRACTION (positive_fraction) must be -1 or in (0, 1], got "
+            f"{ohem.POSITIVE_FRACTION}"
+        )
+    if ohem.READONLY_CHUNK_SIZE < 0:
+        problems.append(f"{key}READONLY_CHUNK_SIZE must be >= 0, got {ohem.READONLY_CHUNK_SIZE}")
+    if problems:
+        raise ValueError("Invalid OHEM config: " + "; ".join(problems))
 
 
 @torch.no_grad()
