@@ -34,14 +34,19 @@ def build_demo_cfg(method, output_dir, iters, seed):
     from detectron2.config import get_cfg
 
     from .config import add_ohem_config
+    from .data.embedded import embedded_proposal_file
 
     cfg = get_cfg()
     add_ohem_config(cfg)
     cfg.merge_from_file(_config_path(method))
+    # The embedded dataset lives under $DETECTRON2_DATASETS (default ./datasets).
+    cfg.DATASETS.PROPOSAL_FILES_TRAIN = (embedded_proposal_file(None, "trainval"),)
+    cfg.DATASETS.PROPOSAL_FILES_TEST = (embedded_proposal_file(None, "test"),)
     base_iters = cfg.SOLVER.MAX_ITER
     cfg.SOLVER.MAX_ITER = iters
     # Keep the step at the same fraction of the schedule.
-    cfg.SOLVER.STEPS = tuple(int(round(s * iters / base_iters)) for s in cfg.SOLVER.STEPS)
+    steps = (int(round(s * iters / base_iters)) for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.STEPS = tuple(s for s in steps if 0 < s < iters)
     cfg.SOLVER.CHECKPOINT_PERIOD = iters
     cfg.OUTPUT_DIR = os.path.join(output_dir, method)
     cfg.SEED = seed
@@ -104,16 +109,18 @@ def run_one(method, output_dir, iters, seed):
 
     trainer = DemoTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    results = trainer.train()
+    trainer.train()
+    # The final evaluation (Detectron2's EvalHook) leaves its metrics in the storage.
+    results = {k: v for k, (v, _) in trainer.storage.latest().items()}
     with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
         times = [json.loads(line).get("time") for line in f]
     times = [t for t in times if t is not None]
     summary = {
         "method": method,
         "iterations": iters,
-        "voc_AP50": results["voc_bbox"]["AP50"],
-        "coco_AP": results["bbox"]["AP"],
-        "coco_AP50": results["bbox"]["AP50"],
+        "voc_AP50": results["voc_bbox/AP50"],
+        "coco_AP": results["bbox/AP"],
+        "coco_AP50": results["bbox/AP50"],
         "s_per_iter": statistics.median(times) if times else float("nan"),
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -189,10 +196,10 @@ def main(argv=None):
         run_one(args.run, args.output_dir, args.iters, args.seed)
         return 0
 
-    from .data.embedded import generate_embedded_dataset
+    from .engine import prepare_embedded_dataset
 
     start = time.time()
-    generate_embedded_dataset()
+    prepare_embedded_dataset(build_demo_cfg("frcn", args.output_dir, args.iters, args.seed))
     summaries = []
     for method in args.methods:
         log.info("=== training %s for %d iterations ===", METHODS[method], args.iters)

@@ -1,7 +1,7 @@
 """VGG backbones of the paper: VGG16 and VGG_CNN_M_1024 ("VGGM"), one output at stride 16."""
 
 import torch.nn as nn
-from detectron2.layers import ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 # Per conv block: list of (out_channels, kernel, stride, padding) and the pooling that ends
@@ -31,13 +31,15 @@ class VGG(Backbone):
     Output: {"conv5": Tensor (N, C5, H/16, W/16)}.
     """
 
-    def __init__(self, arch="VGG16", width_mult=1.0, freeze_at=2):
+    def __init__(self, arch="VGG16", width_mult=1.0, freeze_at=2, norm=""):
         """
         Args:
             arch: "VGG16" or "VGG_CNN_M_1024".
             width_mult: multiplies every layer's channel count (>0); 1.0 is the paper's net.
             freeze_at: number of leading conv blocks whose parameters are frozen
                 (paper: 2 for VGG16, conv1_x and conv2_x; 1 for VGGM).
+            norm: "" (the paper's VGG: none) or a Detectron2 norm name ("BN", "GN",
+                "SyncBN", ...) after every conv; lets narrow nets train from scratch.
         """
         super().__init__()
         if arch not in VGG_ARCHS:
@@ -55,7 +57,11 @@ class VGG(Backbone):
             for i, (out, k, s, p) in enumerate(convs, start=1):
                 out = max(1, int(round(out * width_mult)))
                 name = f"conv{b}_{i}" if len(convs) > 1 else f"conv{b}"
-                stage.add_module(name, nn.Conv2d(in_channels, out, k, stride=s, padding=p))
+                stage.add_module(
+                    name, nn.Conv2d(in_channels, out, k, stride=s, padding=p, bias=not norm)
+                )
+                if norm:
+                    stage.add_module(f"{name}_norm", get_norm(norm, out))
                 stage.add_module(f"relu{name[4:]}", nn.ReLU(inplace=True))
                 if arch == "VGG_CNN_M_1024" and b <= 2:
                     # Caffe LRN: local_size 5, alpha 5e-4, beta 0.75, k 2 (same formula).
@@ -71,10 +77,14 @@ class VGG(Backbone):
                 # Caffe's "gaussian std 0.01" style init would not train a deep VGG from
                 # scratch; He init keeps random-init nets (tests, demos) trainable.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for name in self.stage_names[:freeze_at]:
-            for p in getattr(self, name).parameters():
+            stage = getattr(self, name)
+            for p in stage.parameters():
                 p.requires_grad_(False)
+            # Frozen blocks keep their normalisation statistics too.
+            setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(stage))
 
     def forward(self, x):
         for name in self.stage_names:
@@ -98,4 +108,5 @@ def build_vgg_backbone(cfg, input_shape):
         arch=cfg.MODEL.VGG.ARCH,
         width_mult=cfg.MODEL.VGG.WIDTH_MULT,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        norm=cfg.MODEL.VGG.NORM,
     )

@@ -1,0 +1,48 @@
+"""The main job end to end, for a few iterations on the small embedded dataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+from helpers import REPO
+
+
+def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(small_toy_root))
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "ohem_d2.demo", "--iters", "4", "--output-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    # one table, both methods, every column
+    summaries = json.loads((out / "summary.json").read_text())
+    assert [s["method"] for s in summaries] == ["frcn", "ohem"]
+    for s in summaries:
+        assert s["iterations"] == 4 and s["s_per_iter"] > 0 and s["peak_rss_mb"] > 100
+        assert 0 <= s["voc_AP50"] <= 100 and 0 <= s["coco_AP"] <= 100
+    table = (out / "summary.md").read_text()
+    assert "FRCN" in table and "OHEM" in table and "VOC07 AP50" in table
+    assert table.strip() in result.stdout
+    # Fig. 3 data: both curves over the same iterations, losses finite and positive
+    curves = json.loads((out / "roi_loss.json").read_text())
+    assert set(curves) == {"frcn", "ohem"}
+    assert curves["frcn"]["iteration"] == curves["ohem"]["iteration"] == [1, 2, 3, 4]
+    assert all(v > 0 for c in curves.values() for v in c["mean_roi_loss"])
+    assert cv2.imread(str(out / "roi_loss.png")) is not None
+    # hard-example pictures at an early, a middle and a late iteration, with their data
+    for it in (1, 2, 4):
+        png = out / "ohem" / f"hard_examples_iter{it:05d}.png"
+        assert cv2.imread(str(png)) is not None
+        record = json.loads(png.with_suffix(".json").read_text())
+        for image in record["images"]:
+            assert 0 < len(image["hard_boxes"]) <= 64
+            assert len(image["hard_is_fg"]) == len(image["hard_boxes"])
+            assert image["gt_boxes"]
