@@ -83,3 +83,14 @@ def test_fc_head_shapes_and_dropout():
     a = head(x)
     torch.manual_seed(1)
     assert not torch.equal(a, head(x))  # dropout active in training
+
+
+def test_optional_norm_follows_every_conv_and_freezes_with_its_block():
+    from detectron2.layers import FrozenBatchNorm2d
+
+    vgg = VGG("VGG16", width_mult=0.125, freeze_at=1, norm="BN")
+    convs = [m for m in vgg.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.bias is None for c in convs)  # the norm's shift replaces the bias
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in vgg.conv1.modules()) == 2
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in vgg.modules()) == 11
+    assert VGG("VGG16", width_mult=0.125).conv1.conv1_1.bias is not None  # paper: no norm
