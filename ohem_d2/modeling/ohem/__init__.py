@@ -4,6 +4,7 @@ Importing this package registers ``OHEMROIHeads``, ``OHEMRes5ROIHeads`` and
 ``OHEMCascadeROIHeads`` in Detectron2's ``ROI_HEADS_REGISTRY``.
 """
 
+from .fast_readonly import LowRankReadonly, build_readonly_approximation
 from .miner import HardExampleMiner
 from .mining import select_hard_examples
 from .roi_heads import OHEMCascadeROIHeads, OHEMHeadMixin, OHEMRes5ROIHeads, OHEMROIHeads
@@ -11,11 +12,13 @@ from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_loss
 
 __all__ = [
     "HardExampleMiner",
+    "LowRankReadonly",
     "OHEMCascadeROIHeads",
     "OHEMHeadMixin",
     "OHEMROIHeads",
     "OHEMRes5ROIHeads",
     "ReadonlyScorer",
+    "build_readonly_approximation",
     "check_box_predictor_supported",
     "per_roi_losses",
     "readonly_mode",

@@ -12,8 +12,9 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from .fast_readonly import FAST_READONLY_MODES, build_readonly_approximation
 from .mining import select_hard_examples
-from .scoring import HARDNESS_CHOICES, BoxForward, Predictions, ReadonlyScorer
+from .scoring import HARDNESS_CHOICES, Approximation, BoxForward, Predictions, ReadonlyScorer
 
 __all__ = ["HardExampleMiner", "check_ohem_config"]
 
@@ -40,6 +41,7 @@ class HardExampleMiner:
         hardness: str = "cls+box",
         readonly_train_mode: bool = True,
         readonly_chunk_size: int = 1024,
+        readonly_approximation: Approximation | None = None,
     ):
         """
         Args:
@@ -48,7 +50,8 @@ class HardExampleMiner:
             nms_per_label: suppress only among RoIs with the same assigned label.
             positive_fraction: -1 for pure OHEM, or the largest fraction of foreground
                 RoIs in (0, 1].
-            hardness, readonly_train_mode, readonly_chunk_size: see :class:`ReadonlyScorer`.
+            hardness, readonly_train_mode, readonly_chunk_size, readonly_approximation: see
+                :class:`ReadonlyScorer` (``approximation``).
         """
         if batch_size_per_image <= 0:
             raise ValueError(f"batch_size_per_image must be > 0, got {batch_size_per_image}")
@@ -59,7 +62,10 @@ class HardExampleMiner:
         self.nms_per_label = nms_per_label
         self.positive_fraction = positive_fraction
         self.scorer = ReadonlyScorer(
-            hardness=hardness, train_mode=readonly_train_mode, chunk_size=readonly_chunk_size
+            hardness=hardness,
+            train_mode=readonly_train_mode,
+            chunk_size=readonly_chunk_size,
+            approximation=readonly_approximation,
         )
 
     @classmethod
@@ -74,6 +80,11 @@ class HardExampleMiner:
             "hardness": ohem.HARDNESS,
             "readonly_train_mode": ohem.READONLY_TRAIN_MODE,
             "readonly_chunk_size": ohem.READONLY_CHUNK_SIZE,
+            "readonly_approximation": build_readonly_approximation(
+                ohem.FAST_READONLY.MODE,
+                rank=ohem.FAST_READONLY.RANK,
+                refresh_period=ohem.FAST_READONLY.REFRESH_PERIOD,
+            ),
         }
 
     def __call__(
@@ -100,13 +111,25 @@ class HardExampleMiner:
             predictions: readonly scores (R, K+1) and deltas of all R RoIs of ``proposals``
                 (e.g. to refine the boxes of the next cascade stage).
         """
-        losses, predictions = self.scorer(
-            features,
-            proposals,
-            box_forward=box_forward,
-            box_predictor=box_predictor,
-            readonly_modules=readonly_modules,
+        predictions = self.scorer.predict(
+            features, proposals, box_forward=box_forward, readonly_modules=readonly_modules
         )
+        return self.select(proposals, predictions, box_predictor), predictions
+
+    def select(
+        self, proposals: Sequence[Instances], predictions: Predictions, box_predictor: nn.Module
+    ) -> list[Instances]:
+        """Everything after the readonly forward: per-RoI losses, NMS, top-k, gathering, logs.
+
+        Args:
+            proposals: as in ``__call__``.
+            predictions: the readonly scores and deltas of all RoIs of ``proposals``.
+            box_predictor: as in ``__call__``.
+
+        Returns:
+            N Instances, the hard subsets of ``proposals`` (hardest first).
+        """
+        losses = self.scorer.losses(box_predictor, predictions, proposals)
         background = box_predictor.num_classes
         hard, hard_losses, num_after_nms = [], [], []
         for props, loss in zip(proposals, losses):
@@ -124,7 +147,7 @@ class HardExampleMiner:
             hard_losses.append(loss[keep])
             num_after_nms.append(n_nms)
         _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
-        return hard, predictions
+        return hard
 
 
 def check_ohem_config(cfg) -> None:
@@ -148,6 +171,15 @@ def check_ohem_config(cfg) -> None:
         )
     if ohem.READONLY_CHUNK_SIZE < 0:
         problems.append(f"{key}READONLY_CHUNK_SIZE must be >= 0, got {ohem.READONLY_CHUNK_SIZE}")
+    fast = ohem.FAST_READONLY
+    if fast.MODE not in FAST_READONLY_MODES:
+        problems.append(
+            f"{key}FAST_READONLY.MODE must be one of {FAST_READONLY_MODES}, got {fast.MODE!r}"
+        )
+    if fast.MODE and fast.RANK <= 0:
+        problems.append(f"{key}FAST_READONLY.RANK must be > 0, got {fast.RANK}")
+    if fast.MODE and fast.REFRESH_PERIOD <= 0:
+        problems.append(f"{key}FAST_READONLY.REFRESH_PERIOD must be > 0, got {fast.REFRESH_PERIOD}")
     if problems:
         raise ValueError("Invalid OHEM config: " + "; ".join(problems))
 

@@ -35,6 +35,8 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 Predictions = tuple[torch.Tensor, torch.Tensor]
 # Maps one image's features (list of (1, C, H, W)) and RoIs ([Boxes]) to its predictions.
 BoxForward = Callable[[list[torch.Tensor], list[Boxes]], Predictions]
+# Given the readonly modules, a context in which their forward is a faster approximation.
+Approximation = Callable[[Sequence[nn.Module]], contextlib.AbstractContextManager]
 
 
 def check_box_predictor_supported(box_predictor: nn.Module) -> None:
@@ -164,10 +166,17 @@ class ReadonlyScorer:
         train_mode: see :func:`readonly_mode`.
         chunk_size: RoIs per forward of the readonly pass, so that its memory does not grow with
             the number of proposals; 0 runs all RoIs of an image at once.
+        approximation: None (exact, the paper) or a faster stand-in for the readonly forward,
+            e.g. :class:`LowRankReadonly`.
     """
 
     def __init__(
-        self, *, hardness: str = "cls+box", train_mode: bool = True, chunk_size: int = 1024
+        self,
+        *,
+        hardness: str = "cls+box",
+        train_mode: bool = True,
+        chunk_size: int = 1024,
+        approximation: Approximation | None = None,
     ):
         if hardness not in HARDNESS_CHOICES:
             raise ValueError(f"hardness must be one of {HARDNESS_CHOICES}, got '{hardness}'")
@@ -176,6 +185,7 @@ class ReadonlyScorer:
         self.hardness = hardness
         self.train_mode = train_mode
         self.chunk_size = chunk_size
+        self.approximation = approximation
 
     @torch.no_grad()
     def __call__(
@@ -204,12 +214,39 @@ class ReadonlyScorer:
         Raises:
             FloatingPointError: if a loss is NaN or infinite (a diverged model).
         """
-        with readonly_mode(readonly_modules, train_mode=self.train_mode):
+        predictions = self.predict(
+            features, proposals, box_forward=box_forward, readonly_modules=readonly_modules
+        )
+        return self.losses(box_predictor, predictions, proposals), predictions
+
+    @torch.no_grad()
+    def predict(
+        self,
+        features: Sequence[torch.Tensor],
+        proposals: Sequence[Instances],
+        *,
+        box_forward: BoxForward,
+        readonly_modules: Iterable[nn.Module],
+    ) -> Predictions:
+        """The readonly forward alone: scores and deltas of all RoIs, see ``__call__``."""
+        readonly_modules = list(readonly_modules)
+        approximate = (
+            self.approximation(readonly_modules)
+            if self.approximation is not None
+            else contextlib.nullcontext()
+        )
+        with readonly_mode(readonly_modules, train_mode=self.train_mode), approximate:
             outputs = [
                 self._forward_image([f[i : i + 1] for f in features], p.proposal_boxes, box_forward)
                 for i, p in enumerate(proposals)
             ]
-        predictions = (cat([o[0] for o in outputs], dim=0), cat([o[1] for o in outputs], dim=0))
+        return cat([o[0] for o in outputs], dim=0), cat([o[1] for o in outputs], dim=0)
+
+    @torch.no_grad()
+    def losses(
+        self, box_predictor: nn.Module, predictions: Predictions, proposals: Sequence[Instances]
+    ) -> list[torch.Tensor]:
+        """Per-image (Ri,) losses of :meth:`predict`'s output, see ``__call__``."""
         losses = per_roi_losses(box_predictor, predictions, proposals, hardness=self.hardness)
         bad = ~torch.isfinite(losses)
         if bad.any():
@@ -217,7 +254,7 @@ class ReadonlyScorer:
                 f"OHEM readonly pass: non-finite loss for {int(bad.sum())} of {bad.numel()} "
                 f"RoIs at iteration {get_event_storage().iter}; training has diverged."
             )
-        return list(losses.split([len(p) for p in proposals])), predictions
+        return list(losses.split([len(p) for p in proposals]))
 
     def _forward_image(self, features, boxes, box_forward: BoxForward) -> Predictions:
         num_rois = len(boxes)

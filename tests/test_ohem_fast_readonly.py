@@ -1,0 +1,128 @@
+"""The approximate readonly pass (MODEL.ROI_HEADS.OHEM.FAST_READONLY): low-rank fc layers."""
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from ohem_d2.config import add_ohem_config
+from ohem_d2.modeling.ohem import HardExampleMiner, LowRankReadonly, build_readonly_approximation
+
+
+def _head(in_dim=64, hidden=48, out_dim=32):
+    """Two linear layers; no activation between them, so low-rank inputs stay low rank."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim))
+
+
+def _low_rank_inputs(n=200, in_dim=64, rank=4):
+    """Inputs spanning a ``rank``-dimensional subspace: the layers' outputs then have rank 4."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, rank, generator=g) @ torch.randn(rank, in_dim, generator=g)
+
+
+def test_off_by_default():
+    cfg = get_cfg()
+    add_ohem_config(cfg)
+    fast = cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY
+    assert fast.MODE == ""
+    assert build_readonly_approximation(fast.MODE, rank=fast.RANK, refresh_period=1) is None
+    assert HardExampleMiner(cfg).scorer.approximation is None
+    with pytest.raises(ValueError, match="MODE"):
+        build_readonly_approximation("fp8", rank=8, refresh_period=1)
+    cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY.MODE = "lowrank"
+    cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY.RANK = 0
+    with pytest.raises(ValueError, match="FAST_READONLY.RANK"):
+        HardExampleMiner(cfg)
+
+
+def test_first_pass_is_exact_then_factors_reproduce_low_rank_outputs():
+    head = _head()
+    x = _low_rank_inputs()
+    exact = head(x)
+    approx = LowRankReadonly(rank=8, refresh_period=3)
+    with torch.no_grad():
+        with approx([head]):
+            first = head(x)
+        torch.testing.assert_close(first, exact)  # calibration pass: exact
+        # Both layers get cheaper at rank 8: 8 * (64 + 48) < 64 * 48, 8 * (48 + 32) < 48 * 32.
+        assert len(approx.layers) == 2
+        with approx([head]):
+            second = head(x)
+    # Outputs of rank <= 4 are reproduced by rank-8 factors up to rounding.
+    torch.testing.assert_close(second, exact, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(second, exact)  # ... but computed differently
+
+
+def test_refresh_period_and_no_global_rng_use():
+    head = _head()
+    x = _low_rank_inputs()
+    approx = LowRankReadonly(rank=2, refresh_period=2)
+    calls = []
+    layer = head[0]
+    with torch.no_grad():
+        for _ in range(5):
+            torch.manual_seed(7)
+            with approx([head]):
+                head(x)
+            calls.append(torch.randn(()))  # the global RNG is where the seed left it
+            state = approx.layers[id(layer.weight)]
+            calls[-1] = (float(calls[-1]), state.passes_since_refresh)
+    assert len({c[0] for c in calls}) == 1
+    # Passes 1, 3, 5 are exact and refresh the factors.
+    assert [c[1] for c in calls] == [1, 2, 1, 2, 1]
+
+
+def test_small_layers_are_left_exact():
+    head = _head(in_dim=8, hidden=8, out_dim=8)
+    x = torch.randn(10, 8)
+    approx = LowRankReadonly(rank=4, refresh_period=1)
+    with torch.no_grad(), approx([head]):
+        out = head(x)
+    assert approx.layers == {}
+    torch.testing.assert_close(out, head(x))
+
+
+def test_ohem_head_trains_with_lowrank_readonly():
+    cfg = get_cfg()
+    add_ohem_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.ROI_HEADS.NAME = "OHEMROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 6
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
+    cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY.MODE = "lowrank"
+    cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY.RANK = 8
+    torch.manual_seed(0)
+    head = build_roi_heads(cfg, {"res4": ShapeSpec(channels=8, stride=16)}).train()
+    approximation = head.miner.scorer.approximation
+    assert isinstance(approximation, LowRankReadonly)
+
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    features = {"res4": torch.randn(1, 8, 8, 10, generator=g, requires_grad=True)}
+    xy = torch.rand(40, 2, generator=g) * 100
+    proposals = Instances((128, 160))
+    proposals.proposal_boxes = Boxes(torch.cat([xy, xy + 20], dim=1))
+    proposals.objectness_logits = torch.zeros(40)
+    targets = Instances((128, 160))
+    targets.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 50.0, 60.0]]))
+    targets.gt_classes = torch.tensor([1])
+    for it in range(2):
+        with EventStorage(it):
+            _, losses = head(None, features, [proposals], [targets])
+            sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+    # Factorised at rank 8: fc1 (128 -> 64), fc2 (64 -> 64), bbox_pred (64 -> 12), not
+    # cls_score (64 -> 4).
+    assert len(approximation.layers) == 3
+    assert all(layer.up is not None for layer in approximation.layers.values())
