@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -73,10 +74,10 @@ def _test_metadata(cfg):
 
 
 def _build_model(cfg):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     import ohem_d2  # noqa: F401  (registers the project's model parts)
+    from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 
     weights = cfg.MODEL.WEIGHTS
     # A URL or detectron2:// name would be downloaded by the checkpointer: only local files.
@@ -85,7 +86,9 @@ def _build_model(cfg):
     model = build_model(cfg)
     model.eval()
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        # Detectron2's DetectionCheckpointer, minus running code from the file and minus
+        # silently skipping tensors whose shape does not fit the config.
+        SafeDetectionCheckpointer(model).load(weights)
     else:
         logger.warning("MODEL.WEIGHTS is empty: drawing the detections of an untrained model.")
     return model
@@ -219,6 +222,7 @@ def main(argv=None) -> int:
     from detectron2.utils.visualizer import Visualizer
 
     from ohem_d2.data.proposal_io import ProposalFileError
+    from ohem_d2.engine.checkpoint import CheckpointMismatchError
     from ohem_d2.modeling.proposal_generator import MissingProposalsError
 
     cfg = build_visualize_cfg(args.config_file, args.opts)
@@ -228,7 +232,12 @@ def main(argv=None) -> int:
             proposals_of = _FileProposals(args.proposals)
         else:
             proposals_of = _SelectiveSearchProposals(args.ss_mode, args.ss_min_size)
-    except (FileNotFoundError, ProposalFileError) as e:
+    except (
+        FileNotFoundError,
+        ProposalFileError,
+        CheckpointMismatchError,
+        pickle.UnpicklingError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metadata = _test_metadata(cfg)

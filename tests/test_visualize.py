@@ -74,3 +74,13 @@ def test_corrupt_and_unknown_images_are_skipped(
     assert sorted(os.listdir(out_dir)) == [f"{image_id}.png"]
     # Nothing drawn at all: a failure.
     assert _run([str(corrupt)], out_dir, toy_weights, "--proposals", npz) == 1
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(
+    tmp_path, small_toy_registered, toy_weights
+):
+    _, image = _test_image(small_toy_registered)
+    args = ["--config-file", CONFIG, "--input", image, "--output", str(tmp_path)]
+    assert main([*args, "MODEL.WEIGHTS", toy_weights, "MODEL.ROI_HEADS.NUM_CLASSES", "2"]) == 1
+    assert main([*args, "MODEL.WEIGHTS", str(tmp_path / "missing.pth")]) == 1
+    assert os.listdir(tmp_path) == []
