@@ -34,7 +34,7 @@ def test_train_then_eval_only_beats_untrained(small_toy_root, tmp_path):
     overrides = [*toy_overrides(small_toy_root), *on_train_set]
     out = tmp_path / "out"
     train = run_train_net(
-        [*config, *overrides, "SOLVER.MAX_ITER", 100, "SOLVER.STEPS", "(90,)", "OUTPUT_DIR", out],
+        [*config, *overrides, "SOLVER.MAX_ITER", 150, "SOLVER.STEPS", "(140,)", "OUTPUT_DIR", out],
         datasets,
     )
     assert train.returncode == 0, train.stdout[-3000:]
