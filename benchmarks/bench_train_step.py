@@ -221,7 +221,8 @@ def measure_overlaps(approx_model, features, labelled, iteration):
 
 def peak_memory_mb(args, variant):
     """Peak memory of ``variant``'s training iteration, in a fresh process (memory_worker)."""
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-worker", variant]
+    # Before the config overrides, which take the rest of the command line.
+    cmd = [sys.executable, __file__, "--memory-worker", variant, *sys.argv[1:]]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -292,7 +293,7 @@ def profile(args, variant):
         train_step(model, optimizer, inputs, args.device)
         with profile(activities=activities) as prof:
             train_step(model, optimizer, inputs, args.device)
-    sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
 
 
