@@ -147,8 +147,8 @@ def readonly_inputs(model, inputs):
 def readonly_kwargs(model):
     heads = model.roi_heads
     return {
-        "box_forward": heads._readonly_box_forward,
-        "readonly_modules": heads._readonly_modules(),
+        "box_forward": heads.readonly_box_forward,
+        "readonly_modules": heads.readonly_modules(),
     }
 
 

@@ -126,13 +126,7 @@ class HardExampleSnapshot(HookBase):
         targets = [x["instances"].to(model.device) for x in self.inputs]
         # A scratch storage: the miner's diagnostics must not mix into the training step's.
         with EventStorage(self.trainer.iter):
-            hard, _ = head.miner(
-                [features[f] for f in head.in_features],
-                head.label_proposals(proposals, targets),
-                box_forward=head._readonly_box_forward,
-                box_predictor=head.box_predictor,
-                readonly_modules=head._readonly_modules(),
-            )
+            hard = head.mine_hard_examples(features, proposals, targets)
         return hard, targets, head.num_classes
 
     def after_step(self):

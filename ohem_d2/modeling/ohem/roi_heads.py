@@ -85,34 +85,37 @@ class OHEMHeadMixin:
         proposals, since mining needs the features, which this hook does not receive."""
         return proposals
 
+    def mine_hard_examples(self, features, proposals, targets):
+        """Label all `proposals` against `targets` and return the hard set of each image.
+
+        Single-stage heads define `readonly_box_forward(features, boxes)` (pooling, box head
+        and predictor) and `readonly_modules()` (the modules whose mode the readonly pass sets).
+        """
+        hard, _ = self.miner(
+            [features[f] for f in self.in_features],
+            self.label_proposals(proposals, targets),
+            box_forward=self.readonly_box_forward,
+            box_predictor=self.box_predictor,
+            readonly_modules=self.readonly_modules(),
+        )
+        return hard
+
     def forward(self, images, features, proposals, targets=None):
         """See :meth:`ROIHeads.forward`. In training, the parent trains on the hard set."""
         if self.training:
             assert targets, "'targets' argument is required during training"
-            proposals, _ = self.miner(
-                [features[f] for f in self.in_features],
-                self.label_proposals(proposals, targets),
-                box_forward=self._readonly_box_forward,
-                box_predictor=self.box_predictor,
-                readonly_modules=self._readonly_modules(),
-            )
+            proposals = self.mine_hard_examples(features, proposals, targets)
         return super().forward(images, features, proposals, targets)
-
-    def _readonly_box_forward(self, features, boxes):
-        raise NotImplementedError
-
-    def _readonly_modules(self):
-        raise NotImplementedError
 
 
 @ROI_HEADS_REGISTRY.register()
 class OHEMROIHeads(OHEMHeadMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (VGG, C5, FPN, ... box-head models) trained with OHEM."""
 
-    def _readonly_box_forward(self, features, boxes):
+    def readonly_box_forward(self, features, boxes):
         return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
 
-    def _readonly_modules(self):
+    def readonly_modules(self):
         return (self.box_head, self.box_predictor)
 
 
@@ -120,10 +123,10 @@ class OHEMROIHeads(OHEMHeadMixin, StandardROIHeads):
 class OHEMRes5ROIHeads(OHEMHeadMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (the C4 models) trained with OHEM."""
 
-    def _readonly_box_forward(self, features, boxes):
+    def readonly_box_forward(self, features, boxes):
         return self.box_predictor(self.res5(self.pooler(features, boxes)).mean(dim=[2, 3]))
 
-    def _readonly_modules(self):
+    def readonly_modules(self):
         return (self.res5, self.box_predictor)
 
 
