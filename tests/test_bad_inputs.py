@@ -10,7 +10,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import REPO, toy_overrides
+from helpers import FAST, REPO, toy_overrides
 
 import ohem_d2
 from ohem_d2.data.embedded import EMBEDDED_CLASS_NAMES, embedded_proposal_file
@@ -18,15 +18,6 @@ from ohem_d2.data.proposal_io import ProposalFileError, read_proposal_file, save
 from ohem_d2.engine import Trainer
 from ohem_d2.engine.checkpoint import CheckpointMismatchError, SafeDetectionCheckpointer
 from ohem_d2.engine.loaders import UnreadableImageError, proposal_mapper
-
-FAST = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", 200,
-    "INPUT.MIN_SIZE_TEST", 128,
-    "INPUT.MAX_SIZE_TEST", 200,
-    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN", 300,
-    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", 300,
-]  # fmt: skip
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 
 import torch
 from detectron2.config import get_cfg
-from helpers import REPO, toy_overrides
+from helpers import FAST, REPO, toy_overrides
 
 import ohem_d2
 from ohem_d2.engine import Trainer
@@ -17,15 +17,6 @@ from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 from ohem_d2.engine.resume import truncate_metrics
 
 BASE_LR, STEP, MAX_ITER, PERIOD = 0.01, 4, 9, 3
-# Small images and few proposals: about a second per iteration on a busy 2-core machine.
-FAST = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", 200,
-    "INPUT.MIN_SIZE_TEST", 128,
-    "INPUT.MAX_SIZE_TEST", 200,
-    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN", 300,
-    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", 300,
-]  # fmt: skip
 
 
 def _train_net(args, datasets, log):
