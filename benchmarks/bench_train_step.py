@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ohem_d2.config import add_ohem_config  # noqa: E402
-from ohem_d2.modeling.ohem import ReadonlyScorer, select_hard_examples  # noqa: E402
+from ohem_d2.modeling.ohem import ReadonlyScorer  # noqa: E402
 
 # (FRCN config, OHEM config), relative to the repository.
 ARCHS = {
@@ -172,19 +172,8 @@ def hard_sets(model, scorer, features, labelled, seed):
     torch.manual_seed(seed)
     predictions = scorer.predict(features, labelled, **readonly_kwargs(model))
     losses = scorer.losses(predictor, predictions, labelled)
-    sets = []
-    for props, loss in zip(labelled, losses):
-        keep, _ = select_hard_examples(
-            loss,
-            props.proposal_boxes.tensor,
-            props.gt_classes,
-            batch_size=miner.batch_size_per_image,
-            nms_thresh=miner.nms_thresh,
-            nms_per_label=miner.nms_per_label,
-            background_label=predictor.num_classes,
-            positive_fraction=miner.positive_fraction,
-        )
-        sets.append(set(keep.tolist()))
+    kept = miner.hard_indices(losses, labelled, predictor.num_classes)
+    sets = [set(keep.tolist()) for keep, _ in kept]
     return sets
 
 

@@ -131,23 +131,28 @@ class HardExampleMiner:
         """
         losses = self.scorer.losses(box_predictor, predictions, proposals)
         background = box_predictor.num_classes
-        hard, hard_losses, num_after_nms = [], [], []
-        for props, loss in zip(proposals, losses):
-            keep, n_nms = select_hard_examples(
+        kept = self.hard_indices(losses, proposals, background)
+        hard = [props[keep] for props, (keep, _) in zip(proposals, kept)]
+        hard_losses = [loss[keep] for loss, (keep, _) in zip(losses, kept)]
+        num_after_nms = [n_nms for _, n_nms in kept]
+        _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
+        return hard
+
+    def hard_indices(self, losses, proposals, background_label):
+        """Per image, (indices of the hard RoIs, hardest first; number left after NMS)."""
+        return [
+            select_hard_examples(
                 loss,
                 props.proposal_boxes.tensor,
                 props.gt_classes,
                 batch_size=self.batch_size_per_image,
                 nms_thresh=self.nms_thresh,
                 nms_per_label=self.nms_per_label,
-                background_label=background,
+                background_label=background_label,
                 positive_fraction=self.positive_fraction,
             )
-            hard.append(props[keep])
-            hard_losses.append(loss[keep])
-            num_after_nms.append(n_nms)
-        _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
-        return hard
+            for props, loss in zip(proposals, losses)
+        ]
 
 
 def check_ohem_config(cfg) -> None:
