@@ -440,20 +440,10 @@ def dataset_images(dataset_name: str, *, embedded_root: str | None = None):
 
     The embedded dataset's names (``ohem_toy_*``) are registered first if needed.
     """
-    from detectron2.data import DatasetCatalog
+    from ohem_d2.proposals.convert import registered_dataset_dicts
 
-    from ohem_d2.data.embedded import EMBEDDED_DATASET_NAMES, register_embedded_dataset
-
-    if dataset_name in EMBEDDED_DATASET_NAMES:
-        register_embedded_dataset(embedded_root)
-    if dataset_name not in DatasetCatalog.list():
-        import detectron2.data.datasets  # noqa: F401  (registers Detectron2's builtin names)
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(
-            f"Dataset {dataset_name!r} is not registered. Known: "
-            f"{', '.join(sorted(DatasetCatalog.list()))}"
-        )
-    return [(str(r["image_id"]), r["file_name"]) for r in DatasetCatalog.get(dataset_name)]
+    records = registered_dataset_dicts(dataset_name, embedded_root=embedded_root)
+    return [(str(r["image_id"]), r["file_name"]) for r in records]
 
 
 def _parse_args(argv):
