@@ -58,13 +58,16 @@ def add_ohem_config(cfg):
     # A faster, approximate readonly pass (beyond the paper; off by default). The hard set
     # then differs slightly from the exact one (benchmarks/README.md measures how much).
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY = CN()
-    # "": the exact readonly pass (paper). "lowrank": each fully-connected layer of the box
-    # head that a rank-RANK factorisation makes cheaper (VGG16's fc6, fc7) runs as two thin
-    # layers W ~ P P^T W, P the top RANK principal directions of the layer's outputs.
+    # "": the exact readonly pass (paper). "lowrank": the first NUM_LAYERS fully-connected
+    # layers of the box head that a rank-RANK factorisation makes cheaper (VGG16: fc6) run as
+    # two thin layers W ~ P P^T W, P the top RANK principal directions of the layer's outputs.
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.MODE = ""
     # Rank of the factorised layers.
-    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.RANK = 512
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.RANK = 256
     # Every REFRESH_PERIOD readonly passes, one runs exactly and re-estimates P from its
     # outputs (the first pass always does).
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.REFRESH_PERIOD = 200
+    # How many layers to factorise, in module order; 0: all that get cheaper. 1 (fc6 alone)
+    # because layers after a dropout lose its noise in a low-rank stand-in.
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.NUM_LAYERS = 1
     return cfg

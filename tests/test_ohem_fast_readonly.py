@@ -43,7 +43,7 @@ def test_first_pass_is_exact_then_factors_reproduce_low_rank_outputs():
     head = _head()
     x = _low_rank_inputs()
     exact = head(x)
-    approx = LowRankReadonly(rank=8, refresh_period=3)
+    approx = LowRankReadonly(rank=8, refresh_period=3, num_layers=0)
     with torch.no_grad():
         with approx([head]):
             first = head(x)
@@ -74,6 +74,23 @@ def test_refresh_period_and_no_global_rng_use():
     assert len({c[0] for c in calls}) == 1
     # Passes 1, 3, 5 are exact and refresh the factors.
     assert [c[1] for c in calls] == [1, 2, 1, 2, 1]
+
+
+def test_num_layers_factorises_the_first_layers_only():
+    head = _head()
+    x = _low_rank_inputs(rank=16)  # outputs of rank 16: a rank-2 stand-in is visibly wrong
+    approx = LowRankReadonly(rank=2, refresh_period=5, num_layers=1)
+    with torch.no_grad():
+        for _ in range(2):  # the first pass calibrates
+            with approx([head]):
+                hidden = head[0](x)
+                out = head[1](hidden)
+    assert list(approx.layers) == [id(head[0].weight)]
+    with torch.no_grad():
+        assert not torch.allclose(hidden, head[0](x), atol=1e-2)  # approximated
+        torch.testing.assert_close(out, head[1](hidden))  # exact on its input
+    with pytest.raises(ValueError, match="num_layers"):
+        LowRankReadonly(rank=2, refresh_period=5, num_layers=-1)
 
 
 def test_small_layers_are_left_exact():
@@ -122,7 +139,7 @@ def test_ohem_head_trains_with_lowrank_readonly():
             _, losses = head(None, features, [proposals], [targets])
             sum(losses.values()).backward()
         assert all(torch.isfinite(v) for v in losses.values())
-    # Factorised at rank 8: fc1 (128 -> 64), fc2 (64 -> 64), bbox_pred (64 -> 12), not
-    # cls_score (64 -> 4).
-    assert len(approximation.layers) == 3
+    # NUM_LAYERS 1: of the layers that rank 8 makes cheaper (fc1 128 -> 64, fc2 64 -> 64,
+    # bbox_pred 64 -> 12; not cls_score 64 -> 4), only the first, fc1 on the pooled features.
+    assert list(approximation.layers) == [id(head.box_head.fc1.weight)]
     assert all(layer.up is not None for layer in approximation.layers.values())

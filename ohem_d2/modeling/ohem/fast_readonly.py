@@ -104,27 +104,37 @@ class LowRankReadonly:
     Use as ``ReadonlyScorer(approximation=LowRankReadonly(rank=..., refresh_period=...))``.
     The first pass over a layer, and every ``refresh_period``-th pass after, is exact and
     refreshes its factors afterwards; the other passes use the factors. Only layers whose
-    factorised cost ``rank * (in + out)`` is below ``in * out`` are replaced.
+    factorised cost ``rank * (in + out)`` is below ``in * out`` are replaced, and of those only
+    the first ``num_layers`` in module order (0: all).
+
+    Why only the first by default: a layer fed by a dropout layer (VGG's fc7) sees the dropout
+    noise in every direction of its input, and a low-rank stand-in loses that noise; on
+    VGG16 it cost 10-15 points of hard-set overlap, while fc6 on the pooled features (which
+    holds 85 % of the box head's multiply-adds) cost 2-3 (benchmarks/README.md).
 
     Attributes:
         last_refresh_s: wall time of the latest refresh (eigendecomposition and factors), s.
     """
 
-    def __init__(self, *, rank: int, refresh_period: int):
+    def __init__(self, *, rank: int, refresh_period: int, num_layers: int = 1):
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
         if refresh_period <= 0:
             raise ValueError(f"refresh_period must be > 0, got {refresh_period}")
         self.rank = rank
         self.refresh_period = refresh_period
+        self.num_layers = num_layers
         self.layers: dict[int, _LowRankLinear] = {}
         self.last_refresh_s = 0.0
 
-    def _layer(self, linear: nn.Linear) -> _LowRankLinear | None:
+    def _cheaper(self, linear: nn.Linear) -> bool:
+        out_dim, in_dim = linear.weight.shape
+        return self.rank * (in_dim + out_dim) < in_dim * out_dim
+
+    def _layer(self, linear: nn.Linear) -> _LowRankLinear:
         weight = linear.weight
-        out_dim, in_dim = weight.shape
-        if self.rank * (in_dim + out_dim) >= in_dim * out_dim:
-            return None
         layer = self.layers.get(id(weight))
         if layer is None or layer.weight is not weight:
             layer = self.layers[id(weight)] = _LowRankLinear(weight, self.rank)
@@ -133,8 +143,13 @@ class LowRankReadonly:
     @contextlib.contextmanager
     def __call__(self, modules: Sequence[nn.Module]) -> Iterator[None]:
         """Context of one readonly pass over ``modules``."""
-        linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
-        layers = [layer for layer in map(self._layer, linears) if layer is not None]
+        linears = [
+            m
+            for module in modules
+            for m in module.modules()
+            if isinstance(m, nn.Linear) and self._cheaper(m)
+        ]
+        layers = [self._layer(m) for m in linears[: self.num_layers or None]]
         calibrating = [
             layer
             for layer in layers
@@ -161,10 +176,10 @@ class LowRankReadonly:
             self.last_refresh_s = time.perf_counter() - start
 
 
-def build_readonly_approximation(mode: str, *, rank: int, refresh_period: int):
+def build_readonly_approximation(mode: str, *, rank: int, refresh_period: int, num_layers: int = 1):
     """The approximation of MODEL.ROI_HEADS.OHEM.FAST_READONLY, or None for the exact pass."""
     if mode not in FAST_READONLY_MODES:
         raise ValueError(f"FAST_READONLY.MODE must be one of {FAST_READONLY_MODES}, got '{mode}'")
     if mode == "lowrank":
-        return LowRankReadonly(rank=rank, refresh_period=refresh_period)
+        return LowRankReadonly(rank=rank, refresh_period=refresh_period, num_layers=num_layers)
     return None

@@ -84,6 +84,7 @@ class HardExampleMiner:
                 ohem.FAST_READONLY.MODE,
                 rank=ohem.FAST_READONLY.RANK,
                 refresh_period=ohem.FAST_READONLY.REFRESH_PERIOD,
+                num_layers=ohem.FAST_READONLY.NUM_LAYERS,
             ),
         }
 
@@ -185,6 +186,8 @@ def check_ohem_config(cfg) -> None:
         problems.append(f"{key}FAST_READONLY.RANK must be > 0, got {fast.RANK}")
     if fast.MODE and fast.REFRESH_PERIOD <= 0:
         problems.append(f"{key}FAST_READONLY.REFRESH_PERIOD must be > 0, got {fast.REFRESH_PERIOD}")
+    if fast.MODE and fast.NUM_LAYERS < 0:
+        problems.append(f"{key}FAST_READONLY.NUM_LAYERS must be >= 0, got {fast.NUM_LAYERS}")
     if problems:
         raise ValueError("Invalid OHEM config: " + "; ".join(problems))
 

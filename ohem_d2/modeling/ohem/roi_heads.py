@@ -19,6 +19,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .miner import HardExampleMiner
+from .pooling import pool_rois
 from .scoring import check_box_predictor_supported
 
 __all__ = ["OHEMCascadeROIHeads", "OHEMHeadMixin", "OHEMROIHeads", "OHEMRes5ROIHeads"]
@@ -113,7 +114,8 @@ class OHEMROIHeads(OHEMHeadMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (VGG, C5, FPN, ... box-head models) trained with OHEM."""
 
     def readonly_box_forward(self, features, boxes):
-        return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
+        pooled = pool_rois(self.box_pooler, features, boxes[0])
+        return self.box_predictor(self.box_head(pooled))
 
     def readonly_modules(self):
         return (self.box_head, self.box_predictor)
@@ -124,7 +126,8 @@ class OHEMRes5ROIHeads(OHEMHeadMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (the C4 models) trained with OHEM."""
 
     def readonly_box_forward(self, features, boxes):
-        return self.box_predictor(self.res5(self.pooler(features, boxes)).mean(dim=[2, 3]))
+        pooled = pool_rois(self.pooler, features, boxes[0])
+        return self.box_predictor(self.res5(pooled).mean(dim=[2, 3]))
 
     def readonly_modules(self):
         return (self.res5, self.box_predictor)
@@ -190,4 +193,5 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
         return first_stage_hard, losses
 
     def _readonly_stage_forward(self, stage, features, boxes):
-        return self.box_predictor[stage](self.box_head[stage](self.box_pooler(features, boxes)))
+        pooled = pool_rois(self.box_pooler, features, boxes[0])
+        return self.box_predictor[stage](self.box_head[stage](pooled))
