@@ -9,9 +9,11 @@ import sys
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
 import ohem_d2
 from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets
+from ohem_d2.engine.allocator import ALLOCATORS, allocator_in_use, relaunch_with_allocator
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 from ohem_d2.engine.distributed import DistributedSetupError, check_dist_url
 
@@ -28,6 +30,7 @@ def build_cfg(args):
 def main(args):
     cfg = build_cfg(args)
     default_setup(cfg, args)
+    print(f"Memory allocator of rank {comm.get_rank()}: {allocator_in_use()}", flush=True)
     register_project_datasets()
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -41,8 +44,17 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="auto",
+        help="CPU memory allocator: jemalloc keeps long runs' memory flat (auto: when found)",
+    )
+    args = parser.parse_args()
+    relaunch_with_allocator(args.allocator)
     print("Command Line Args:", args)
+    print("Memory allocator:", allocator_in_use(), flush=True)
     # Generated once here, before any worker process starts (a no-op when present).
     prepare_embedded_dataset(build_cfg(args))
     try:

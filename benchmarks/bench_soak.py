@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/bench_soak.py --iters 300 --config configs/toy/ohem.yaml
 
-Trains with the project's Trainer (data loader, OHEM head, hooks, writers, checkpoints as
+Runs on the allocator train_net.py would use (``--allocator``, default auto: jemalloc when
+found). Trains with the project's Trainer (data loader, OHEM head, hooks, writers, checkpoints as
 configured), samples the process's RSS after every iteration and prints one JSON object:
 RSS at the reference iteration (default 50, after warm-up: allocator pools, data loader
 buffers) and at the end, the growth between them in percent, and whether it is within
@@ -35,6 +36,11 @@ from ohem_d2.data.embedded import (  # noqa: E402
     register_embedded_dataset,
 )
 from ohem_d2.engine import Trainer  # noqa: E402
+from ohem_d2.engine.allocator import (  # noqa: E402
+    ALLOCATORS,
+    allocator_in_use,
+    relaunch_with_allocator,
+)
 
 
 class RSSSampler(HookBase):
@@ -63,8 +69,12 @@ def main(argv=None):
     parser.add_argument("--max-growth", type=float, default=10.0, help="percent")
     parser.add_argument("--datasets", default=os.path.join(REPO, "datasets"))
     parser.add_argument("--num-trainval", type=int, default=144)
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="auto", help="as train_net.py's --allocator"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
+    relaunch_with_allocator(args.allocator)
     warnings.filterwarnings("ignore")
 
     root = os.path.join(args.datasets, "ohem_toy")
@@ -99,6 +109,10 @@ def main(argv=None):
         json.dumps(
             {
                 "config": args.config,
+                "allocator": allocator_in_use(),
+                "malloc_env": {
+                    k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_"))
+                },
                 "iterations": len(mb),
                 "rss_mb_at_1": round(mb[0], 1),
                 f"rss_mb_at_{args.reference_iter}": round(ref, 1),

@@ -51,7 +51,11 @@ def main(argv=None):
             optimizer.zero_grad()
             times.append(time.perf_counter() - start)
             storage.step()
-    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))
+    }
     print(json.dumps({"config": args.config, "env": env, "s_per_iter": statistics.median(times)}))
 
 

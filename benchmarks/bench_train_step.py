@@ -35,6 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ohem_d2.config import add_ohem_config  # noqa: E402
+from ohem_d2.engine.allocator import (  # noqa: E402
+    ALLOCATORS,
+    allocator_in_use,
+    relaunch_with_allocator,
+)
 from ohem_d2.modeling.ohem import ReadonlyScorer  # noqa: E402
 
 # (FRCN config, OHEM config), relative to the repository.
@@ -172,6 +177,25 @@ def readonly_inputs(model, inputs):
         proposals, _ = model.proposal_generator(images, features, targets)
     heads = model.roi_heads
     return [features[f] for f in heads.in_features], heads.label_proposals(proposals, targets)
+
+
+class TimedMiner:
+    """Stands in for a head's miner and adds up the wall time of its calls, so that the
+    mining done inside a training step is timed where it runs (same memory state)."""
+
+    def __init__(self, miner, device):
+        self.miner, self.device, self.seconds = miner, device, 0.0
+
+    def __call__(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.miner(*args, **kwargs)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.miner, name)
 
 
 def readonly_kwargs(model):
@@ -325,12 +349,19 @@ def run(args):
     for v in variants[1:]:
         models[v][0].load_state_dict(state)
     ohem = models["ohem"][0]
+    timers = {}
+    for v in variants[1:]:
+        heads = models[v][0].roi_heads
+        timers[v] = heads.miner = TimedMiner(heads.miner, args.device)
+    in_step = {v: [] for v in timers}
     times = {v: [] for v in variants}
     readonly, selection, overlaps, approx_readonly = [], [], [], []
     with EventStorage(0) as storage:
         features, labelled = readonly_inputs(ohem, inputs)
         for it in range(args.warmup + args.iters):
             order = variants if it % 2 == 0 else variants[::-1]
+            for timer in timers.values():
+                timer.seconds = 0.0
             step_times = {v: train_step(*models[v], inputs, args.device) for v in order}
             r, s = (
                 (0.0, 0.0)
@@ -347,6 +378,8 @@ def run(args):
                 continue
             for v in variants:
                 times[v].append(step_times[v])
+            for v, timer in timers.items():
+                in_step[v].append(timer.seconds)
             readonly.append(r)
             selection.append(s)
             if args.approx_mode and len(overlaps) < args.overlap_iters:
@@ -356,6 +389,7 @@ def run(args):
     result = {
         "arch": args.arch,
         "device": args.device,
+        "allocator": allocator_in_use(),
         "torch_threads": torch.get_num_threads(),
         "image_size": [args.image_size, int(round(args.image_size * args.aspect))],
         "images": args.images,
@@ -372,6 +406,11 @@ def run(args):
             (med["ohem"] - med["frcn"]) / max(statistics.median(readonly), 1e-9), 4
         ),
         "selection_fraction": round(statistics.median(selection) / med["ohem"], 5),
+        # The miner's calls inside OHEM's training steps (readonly pass and selection there).
+        "in_step_mining_s": round(statistics.median(in_step["ohem"]), 4),
+        "extra_over_in_step_mining": round(
+            (med["ohem"] - med["frcn"]) / max(statistics.median(in_step["ohem"]), 1e-9), 4
+        ),
         "frcn_times": [round(t, 3) for t in times["frcn"]],
         "ohem_times": [round(t, 3) for t in times["ohem"]],
     }
@@ -386,6 +425,7 @@ def run(args):
                 "approx_times": [round(t, 3) for t in times["approx"]],
                 "approx_refresh_s": round(approx.last_refresh_s, 3),
                 "approx_readonly_s": round(statistics.median(approx_readonly or [0.0]), 4),
+                "approx_in_step_mining_s": round(statistics.median(in_step["approx"]), 4),
             }
         )
         for key in overlaps[0] if overlaps else []:
@@ -397,7 +437,12 @@ def run(args):
 
 def memory_results(args):
     """Peak memory of FRCN and OHEM, each in its own process."""
-    result = {"arch": args.arch, "device": args.device, "proposals_per_image": args.proposals}
+    result = {
+        "arch": args.arch,
+        "device": args.device,
+        "allocator": allocator_in_use(),
+        "proposals_per_image": args.proposals,
+    }
     for v in ("frcn", "ohem"):
         mem = peak_memory_mb(args, v)
         result[f"{v}_peak_mb"] = mem["peak_mb"]
@@ -434,6 +479,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument(
+        "--allocator", choices=ALLOCATORS, default="auto", help="as train_net.py's --allocator"
+    )
+    p.add_argument(
         "--memory-worker", choices=["frcn", "ohem"], default=None, help=argparse.SUPPRESS
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
@@ -442,6 +490,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    relaunch_with_allocator(args.allocator)  # the memory workers inherit it
     if args.memory_worker:
         memory_worker(args)
         return

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from .engine.allocator import allocator_in_use, find_jemalloc, jemalloc_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"frcn": "FRCN (heuristic sampling)", "ohem": "OHEM"}
 
@@ -124,6 +126,7 @@ def run_one(method, output_dir, iters, seed):
         "s_per_iter": statistics.median(times) if times else float("nan"),
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "allocator": allocator_in_use(),
     }
     with open(os.path.join(cfg.OUTPUT_DIR, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -137,6 +140,7 @@ def format_table(summaries):
         ("COCO AP50 (%)", "coco_AP50", "{:.1f}"),
         ("s/iter (median)", "s_per_iter", "{:.3f}"),
         ("peak memory (MB RSS)", "peak_rss_mb", "{:.0f}"),
+        ("memory allocator", "allocator", "{}"),
     ]
     methods = [s["method"] for s in summaries]
     lines = ["| metric | " + " | ".join(METHODS[m] for m in methods) + " |"]
@@ -198,6 +202,9 @@ def main(argv=None):
 
     from .engine import prepare_embedded_dataset
 
+    # Each method trains in its own process, on jemalloc when found (see engine/allocator.py).
+    jemalloc = find_jemalloc()
+    env = jemalloc_env(os.environ, jemalloc) if jemalloc else None
     start = time.time()
     prepare_embedded_dataset(build_demo_cfg("frcn", args.output_dir, args.iters, args.seed))
     summaries = []
@@ -206,7 +213,7 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "ohem_d2.demo", "--run", method]
         cmd += ["--output-dir", args.output_dir, "--iters", str(args.iters)]
         cmd += ["--seed", str(args.seed)]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
         with open(os.path.join(args.output_dir, method, "summary.json")) as f:
             summaries.append(json.load(f))
     table = format_table(summaries)

@@ -19,6 +19,30 @@ link_model_zoo_configs() {
     [ -d "$zoo" ] && ln -sfn "$zoo" configs/model_zoo
 }
 
+fetch_jemalloc() {
+    # jemalloc keeps a long CPU training run's memory flat where glibc's malloc fragments
+    # (benchmarks/soak.md); train_net.py and the demo use it when found. Optional: without
+    # it, training runs on the system allocator.
+    local dest="$VENV/lib/jemalloc" lib tmp
+    [ -f "$dest/libjemalloc.so.2" ] && return 0
+    mkdir -p "$dest"
+    lib=$(/sbin/ldconfig -p 2>/dev/null | awk '/libjemalloc\.so\.2 / {print $NF; exit}')
+    if [ -n "$lib" ]; then
+        ln -sfn "$lib" "$dest/libjemalloc.so.2"
+    elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
+        # Debian's package, unpacked into the venv: no root and no system change needed.
+        tmp=$(mktemp -d)
+        if (cd "$tmp" && apt-get download -qq libjemalloc2 >/dev/null 2>&1); then
+            dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$tmp/root"
+            lib=$(find "$tmp/root" -name libjemalloc.so.2 | head -n 1)
+            [ -n "$lib" ] && cp -L "$lib" "$dest/libjemalloc.so.2"
+        fi
+        rm -rf "$tmp"
+    fi
+    [ -f "$dest/libjemalloc.so.2" ] ||
+        echo "note: jemalloc not found; training uses the system allocator (benchmarks/soak.md)"
+}
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import ohem_d2" 2>/dev/null; then
     [ -e configs/model_zoo ] || link_model_zoo_configs
     exit 0
@@ -51,5 +75,6 @@ pip install -q "setuptools>=77.0.3,<81"
 pip install -q --no-deps --no-build-isolation -e .
 
 link_model_zoo_configs
+fetch_jemalloc
 echo "$want" > "$STAMP"
 echo "set-up complete: $VENV"

@@ -10,6 +10,7 @@ from helpers import REPO, run_train_net, toy_overrides
 
 import ohem_d2
 from ohem_d2.engine import Trainer
+from ohem_d2.engine.allocator import find_jemalloc
 
 
 def _copypaste(output, task):
@@ -40,6 +41,9 @@ def test_train_then_eval_only_beats_untrained(small_toy_root, tmp_path):
     assert train.returncode == 0, train.stdout[-3000:]
     assert (out / "model_final.pth").exists()
     assert "eta:" in train.stdout  # progress with ETA in the log
+    # --allocator auto: jemalloc when the machine has it (engine/allocator.py)
+    expected = "jemalloc" if find_jemalloc() else "system"
+    assert f"Memory allocator: {expected}" in train.stdout
 
     def evaluate(weights, output_dir):
         result = run_train_net(
@@ -91,6 +95,9 @@ def test_ddp_two_processes_on_cpu(small_toy_root, tmp_path, config):
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "World size: 2" in result.stdout
+    # The spawned workers inherit the allocator of the relaunched parent.
+    expected = "jemalloc" if find_jemalloc() else "system"
+    assert f"Memory allocator of rank 1: {expected}" in result.stdout
     assert (tmp_path / "model_final.pth").exists()
 
 
