@@ -38,9 +38,10 @@ class RecordingPooler(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.inner = ROIPooler(7, (1 / 16,), sampling_ratio=0, pooler_type="ROIPool")
-        self.threads, self.grad_modes = set(), set()
+        self.threads, self.grad_modes, self.calls = set(), set(), 0
 
     def forward(self, features, boxes):
+        self.calls += 1
         self.threads.add(threading.get_ident())
         self.grad_modes.add(torch.is_grad_enabled())
         return self.inner(features, boxes)
@@ -53,7 +54,9 @@ def test_threads_and_grad_mode(grad):
     boxes = random_boxes(2 * MIN_ROIS_PER_THREAD, 256)
     with torch.set_grad_enabled(grad):
         out = pool_rois(pooler, features, boxes, num_threads=2)
-    assert len(pooler.threads) == 2
+    # Two parts, pooled on the pool's threads (which of them takes which part is up to it).
+    assert pooler.calls == 2
+    assert threading.get_ident() not in pooler.threads
     assert pooler.grad_modes == {grad}
     assert out.requires_grad == grad
     if grad:  # gradients reach the features as from one call
@@ -66,4 +69,5 @@ def test_few_rois_one_call():
     pooler = RecordingPooler()
     features = [torch.randn(1, 4, 16, 20)]
     pool_rois(pooler, features, random_boxes(2 * MIN_ROIS_PER_THREAD - 1, 256), num_threads=2)
+    assert pooler.calls == 1
     assert pooler.threads == {threading.get_ident()}
