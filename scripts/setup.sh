@@ -32,7 +32,7 @@ fetch_jemalloc() {
     elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
         # Debian's package, unpacked into the venv: no root and no system change needed.
         tmp=$(mktemp -d)
-        if (cd "$tmp" && apt-get download -qq libjemalloc2 >/dev/null 2>&1); then
+        if (cd "$tmp" && timeout 300 apt-get download -qq libjemalloc2 >/dev/null 2>&1); then
             dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$tmp/root"
             lib=$(find "$tmp/root" -name libjemalloc.so.2 | head -n 1)
             [ -n "$lib" ] && cp -L "$lib" "$dest/libjemalloc.so.2"
