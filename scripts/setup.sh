@@ -26,7 +26,7 @@ fetch_jemalloc() {
     local dest="$VENV/lib/jemalloc" lib tmp
     [ -f "$dest/libjemalloc.so.2" ] && return 0
     mkdir -p "$dest"
-    lib=$(/sbin/ldconfig -p 2>/dev/null | awk '/libjemalloc\.so\.2 / {print $NF; exit}')
+    lib=$( (/sbin/ldconfig -p 2>/dev/null || true) | awk '/libjemalloc\.so\.2 / {print $NF; exit}')
     if [ -n "$lib" ]; then
         ln -sfn "$lib" "$dest/libjemalloc.so.2"
     elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
