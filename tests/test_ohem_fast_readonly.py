@@ -3,9 +3,10 @@
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.utils.events import EventStorage
+from test_ohem_roi_heads import _batch as roi_heads_batch
+from test_ohem_roi_heads import _build as build_roi_head
+from test_ohem_roi_heads import _cfg as roi_heads_cfg
 from torch import nn
 
 from ohem_d2.config import add_ohem_config
@@ -104,39 +105,19 @@ def test_small_layers_are_left_exact():
 
 
 def test_ohem_head_trains_with_lowrank_readonly():
-    cfg = get_cfg()
-    add_ohem_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.ROI_HEADS.NAME = "OHEMROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 6
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    # The OHEM-head set-up of test_ohem_roi_heads, with 64-d fcs: fc1 is 128 -> 64.
+    cfg = roi_heads_cfg("OHEMROIHeads")
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
     cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY.MODE = "lowrank"
     cfg.MODEL.ROI_HEADS.OHEM.FAST_READONLY.RANK = 8
-    torch.manual_seed(0)
-    head = build_roi_heads(cfg, {"res4": ShapeSpec(channels=8, stride=16)}).train()
+    head = build_roi_head(cfg)
     approximation = head.miner.scorer.approximation
     assert isinstance(approximation, LowRankReadonly)
 
-    from detectron2.structures import Boxes, Instances
-
-    g = torch.Generator().manual_seed(0)
-    features = {"res4": torch.randn(1, 8, 8, 10, generator=g, requires_grad=True)}
-    xy = torch.rand(40, 2, generator=g) * 100
-    proposals = Instances((128, 160))
-    proposals.proposal_boxes = Boxes(torch.cat([xy, xy + 20], dim=1))
-    proposals.objectness_logits = torch.zeros(40)
-    targets = Instances((128, 160))
-    targets.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 50.0, 60.0]]))
-    targets.gt_classes = torch.tensor([1])
+    features, proposals, targets = roi_heads_batch("OHEMROIHeads")
     for it in range(2):
         with EventStorage(it):
-            _, losses = head(None, features, [proposals], [targets])
+            _, losses = head(None, features, proposals, targets)
             sum(losses.values()).backward()
         assert all(torch.isfinite(v) for v in losses.values())
     # NUM_LAYERS 1: of the layers that rank 8 makes cheaper (fc1 128 -> 64, fc2 64 -> 64,
