@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from .engine.allocator import allocator_in_use, find_jemalloc, jemalloc_env
+from .engine.allocator import allocator_in_use, relaunch_with_allocator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"frcn": "FRCN (heuristic sampling)", "ohem": "OHEM"}
@@ -202,9 +202,6 @@ def main(argv=None):
 
     from .engine import prepare_embedded_dataset
 
-    # Each method trains in its own process, on jemalloc when found (see engine/allocator.py).
-    jemalloc = find_jemalloc()
-    env = jemalloc_env(os.environ, jemalloc) if jemalloc else None
     start = time.time()
     prepare_embedded_dataset(build_demo_cfg("frcn", args.output_dir, args.iters, args.seed))
     summaries = []
@@ -213,7 +210,7 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "ohem_d2.demo", "--run", method]
         cmd += ["--output-dir", args.output_dir, "--iters", str(args.iters)]
         cmd += ["--seed", str(args.seed)]
-        subprocess.run(cmd, check=True, env=env)
+        subprocess.run(cmd, check=True)
         with open(os.path.join(args.output_dir, method, "summary.json")) as f:
             summaries.append(json.load(f))
     table = format_table(summaries)
@@ -231,4 +228,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # As train_net.py: on jemalloc when found (engine/allocator.py); the per-method training
+    # processes inherit it. Only as a command: main(argv) called in-process must not re-exec.
+    relaunch_with_allocator("auto")
     sys.exit(main())
