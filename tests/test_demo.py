@@ -13,7 +13,17 @@ def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root,
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(small_toy_root))
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "ohem_d2.demo", "--iters", "4", "--output-dir", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "ohem_d2.demo",
+            "--dataset",
+            "toy",
+            "--iters",
+            "4",
+            "--output-dir",
+            str(out),
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

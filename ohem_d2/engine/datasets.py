@@ -2,6 +2,7 @@
 
 import os
 
+from ..data.bccd import register_bccd
 from ..data.embedded import (
     EMBEDDED_DATASET_NAMES,
     default_embedded_root,
@@ -12,8 +13,10 @@ from ..data.embedded import (
 
 
 def register_project_datasets():
-    """Register the embedded dataset's names (Detectron2 registers VOC and COCO itself)."""
+    """Register the project's datasets, the embedded ``ohem_toy_*`` and the shipped ``bccd_*``
+    (Detectron2 registers VOC and COCO itself)."""
     register_embedded_dataset()
+    register_bccd()
 
 
 def prepare_embedded_dataset(cfg):

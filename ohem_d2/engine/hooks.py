@@ -41,19 +41,25 @@ def label_all_rois(proposals, targets, num_classes, iou_threshold=0.5):
 
 
 class RoILossProbe(HookBase):
-    """Every `period` iterations, the mean loss per RoI over ALL RoIs of fixed training images.
+    """Every `period` iterations, the mean loss per RoI over ALL RoIs of fixed training images,
+    split into the parts that foreground and background RoIs contribute.
 
     The paper's Fig. 3 compares methods by this number (not by the loss on each method's own
     minibatch, which differs by construction). Dropout is off while probing, so the value
-    depends on the weights only. Written to `<output_dir>/roi_loss_probe.json` and to the
-    EventStorage as "probe/mean_roi_loss".
+    depends on the weights only. ``fg_part + bg_part == mean_roi_loss``: each part is the sum
+    of its RoIs' losses divided by the number of all RoIs. Written to
+    `<output_dir>/roi_loss_probe.json` and to the EventStorage as "probe/mean_roi_loss",
+    "probe/roi_loss_fg_part" and "probe/roi_loss_bg_part".
     """
+
+    KEYS = ("mean_roi_loss", "fg_part", "bg_part", "fg_fraction")
 
     def __init__(self, inputs, period, output_dir):
         self.inputs, self.period, self.output_dir = inputs, period, output_dir
         self.history = []
 
-    def mean_roi_loss(self):
+    def roi_losses(self):
+        """(R,) loss of every RoI of the probe images, and (R,) bool: is it foreground."""
         model = _unwrap(self.trainer.model)
         was_training = model.training
         model.eval()
@@ -68,27 +74,71 @@ class RoILossProbe(HookBase):
                 feats = [features[f] for f in head.in_features]
                 pooled = head.box_pooler(feats, [p.proposal_boxes for p in labeled])
                 predictions = head.box_predictor(head.box_head(pooled))
-                return float(per_roi_losses(head.box_predictor, predictions, labeled).mean())
+                losses = per_roi_losses(head.box_predictor, predictions, labeled)
+                is_fg = torch.cat([p.gt_classes < head.num_classes for p in labeled])
+                return losses, is_fg
         finally:
             model.train(was_training)
+
+    def measure(self):
+        """A dict with the values of :attr:`KEYS`."""
+        losses, is_fg = self.roi_losses()
+        count = max(1, losses.numel())
+        fg_part = float(losses[is_fg].sum()) / count
+        bg_part = float(losses[~is_fg].sum()) / count
+        return {
+            "mean_roi_loss": fg_part + bg_part,
+            "fg_part": fg_part,
+            "bg_part": bg_part,
+            "fg_fraction": float(is_fg.sum()) / count,
+        }
 
     def after_step(self):
         it = self.trainer.iter
         if it == 0 or (it + 1) % self.period == 0 or it + 1 == self.trainer.max_iter:
-            value = self.mean_roi_loss()
-            self.history.append((it + 1, value))
-            self.trainer.storage.put_scalar("probe/mean_roi_loss", value, smoothing_hint=False)
+            values = self.measure()
+            self.history.append((it + 1, values))
+            storage = self.trainer.storage
+            storage.put_scalar("probe/mean_roi_loss", values["mean_roi_loss"], smoothing_hint=False)
+            storage.put_scalar("probe/roi_loss_fg_part", values["fg_part"], smoothing_hint=False)
+            storage.put_scalar("probe/roi_loss_bg_part", values["bg_part"], smoothing_hint=False)
 
     def after_train(self):
         os.makedirs(self.output_dir, exist_ok=True)
+        record = {"iteration": [i for i, _ in self.history]}
+        record.update({k: [v[k] for _, v in self.history] for k in self.KEYS})
         with open(os.path.join(self.output_dir, "roi_loss_probe.json"), "w") as f:
-            json.dump(
-                {
-                    "iteration": [i for i, _ in self.history],
-                    "mean_roi_loss": [v for _, v in self.history],
-                },
-                f,
-            )
+            json.dump(record, f)
+
+
+class TrainingProgress(HookBase):
+    """A progress bar with the iteration, the total loss and the ETA of the run (stderr)."""
+
+    def __init__(self, description):
+        self.description = description
+        self.bar = None
+
+    def before_train(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.trainer.max_iter,
+            initial=self.trainer.start_iter,
+            desc=self.description,
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
+
+    def after_step(self):
+        latest = self.trainer.storage.latest()
+        if "total_loss" in latest:
+            self.bar.set_postfix(loss=f"{latest['total_loss'][0]:.3f}", refresh=False)
+        self.bar.update(1)
+
+    def after_train(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, scale=2):

@@ -461,14 +461,17 @@ def convert_detectron_pickle(
 
 
 def registered_dataset_dicts(dataset_name: str, *, embedded_root: str | None = None) -> list[dict]:
-    """The records of a registered Detectron2 dataset (the embedded ``ohem_toy_*`` names are
-    registered first if they are not yet)."""
+    """The records of a registered Detectron2 dataset (the project's own names, ``ohem_toy_*``
+    and ``bccd_*``, are registered first if they are not yet)."""
     from detectron2.data import DatasetCatalog
 
+    from ohem_d2.data.bccd import BCCD_DATASET_NAMES, register_bccd
     from ohem_d2.data.embedded import EMBEDDED_DATASET_NAMES, register_embedded_dataset
 
     if dataset_name in EMBEDDED_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
         register_embedded_dataset(embedded_root)
+    if dataset_name in BCCD_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
+        register_bccd()
     if dataset_name not in DatasetCatalog.list():
         import detectron2.data.datasets  # noqa: F401  (registers Detectron2's builtin names)
     if dataset_name not in DatasetCatalog.list():
