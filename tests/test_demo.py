@@ -56,3 +56,39 @@ def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root,
             assert 0 < len(image["hard_boxes"]) <= 64
             assert len(image["hard_is_fg"]) == len(image["hard_boxes"])
             assert image["gt_boxes"]
+
+
+def test_bccd_demo_compares_both_methods_from_the_same_start(tmp_path):
+    """The default demo (BCCD, shipped proposals) for 2 iterations: every column of the table,
+    identical initial weights, the detections picture and the fg/bg split of the probe."""
+    out = tmp_path / "bccd"
+    result = subprocess.run(
+        [sys.executable, "-m", "ohem_d2.demo", "--iters", "2", "--output-dir", str(out)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    frcn, ohem = json.loads((out / "summary.json").read_text())
+    assert (frcn["method"], ohem["method"]) == ("frcn", "ohem")
+    assert frcn["init_weights_sha256"] == ohem["init_weights_sha256"]
+    for s in (frcn, ohem):
+        assert s["dataset"] == "bccd" and s["device"] == "cpu" and s["seed"] == 0
+        assert set(s["per_class_AP50_allpoint"]) == {"RBC", "WBC", "Platelets"}
+        assert s["voc_AP50_allpoint"] == sum(s["per_class_AP50_allpoint"].values()) / 3
+        for key in ("voc_AP50_11point", "coco_AP", "coco_AP50", "coco_AP75"):
+            assert 0 <= s[key] <= 100
+        loss = s["final_roi_loss"]
+        assert loss["fg_part"] + loss["bg_part"] == loss["mean_roi_loss"]
+        assert 0 < loss["fg_fraction"] < 0.5  # most RoIs are background
+    table = (out / "summary.md").read_text()
+    for row in ("mAP50, all-point", "VOC07 11-point", "AP50 Platelets", "COCO AP75", "device"):
+        assert row in table
+    assert "bccd_test" in result.stdout
+    # Three test images, FRCN left and OHEM right, at the images' 640 x 480 (+ borders).
+    picture = cv2.imread(str(out / "detections.png"))
+    assert picture.shape[:2] == (3 * 484, 2 * 644)
+    assert cv2.imread(str(out / "ohem" / "hard_examples_iter00002.png")) is not None
