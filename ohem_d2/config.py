@@ -3,6 +3,25 @@
 from detectron2.config import CfgNode as CN
 
 
+class MissingOHEMConfigError(ValueError):
+    """A config without this project's keys: `add_ohem_config(cfg)` was not called."""
+
+
+def require_ohem_config(cfg, node: str) -> None:
+    """Raise :class:`MissingOHEMConfigError` naming the missing call if ``cfg`` lacks the
+    project's node ``node`` (e.g. "MODEL.ROI_HEADS.OHEM"), instead of a bare AttributeError
+    from deep inside a component's ``from_config``."""
+    value = cfg
+    for part in node.split("."):
+        if part not in value:
+            raise MissingOHEMConfigError(
+                f"The config has no {node}: call ohem_d2.add_ohem_config(cfg) after "
+                "get_cfg() and before merging a config file (it adds this project's keys "
+                "with the paper's defaults)."
+            )
+        value = value[part]
+
+
 def add_ohem_config(cfg):
     """Add every key this project defines to a Detectron2 config, in place.
 

@@ -7,6 +7,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 
+from ..config import require_ohem_config
+
 
 @ROI_BOX_HEAD_REGISTRY.register()
 class VGGFCHead(nn.Module):
@@ -43,6 +45,7 @@ class VGGFCHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
+        require_ohem_config(cfg, "MODEL.VGG")
         return {
             "input_shape": input_shape,
             "fc_dims": list(cfg.MODEL.VGG.FC_DIMS),

@@ -4,6 +4,8 @@ import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ..config import require_ohem_config
+
 # Per conv block: list of (out_channels, kernel, stride, padding) and the pooling that ends
 # the block (kernel, stride) or None. VGG16's pool5 is removed (conv5_3 at stride 16);
 # Caffe pools round up, hence ceil_mode below.
@@ -104,6 +106,7 @@ def build_vgg_backbone(cfg, input_shape):
     """Build the VGG backbone named by MODEL.VGG.ARCH. `input_shape` must have 3 channels."""
     if input_shape.channels != 3:
         raise ValueError(f"VGG expects 3 input channels, got {input_shape.channels}")
+    require_ohem_config(cfg, "MODEL.VGG")
     return VGG(
         arch=cfg.MODEL.VGG.ARCH,
         width_mult=cfg.MODEL.VGG.WIDTH_MULT,

@@ -12,6 +12,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ...config import require_ohem_config
 from .fast_readonly import FAST_READONLY_MODES, build_readonly_approximation
 from .mining import select_hard_examples
 from .scoring import HARDNESS_CHOICES, Approximation, BoxForward, Predictions, ReadonlyScorer
@@ -158,6 +159,7 @@ class HardExampleMiner:
 
 def check_ohem_config(cfg) -> None:
     """Raise ValueError naming the config key if an OHEM setting is out of its range."""
+    require_ohem_config(cfg, "MODEL.ROI_HEADS.OHEM")
     ohem = cfg.MODEL.ROI_HEADS.OHEM
     key = "MODEL.ROI_HEADS.OHEM."
     problems = []
