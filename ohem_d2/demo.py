@@ -429,9 +429,7 @@ def main(argv=None):
     )
     with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
         f.write(title + "\n\n" + table + "\n")
-    print()
-    print(title)
-    print(table)
+    print("\n" + title + "\n\n" + table)
     print(
         f"\nWritten to {args.output_dir}/: summary.md, detections.png, roi_loss.png, "
         "ohem/hard_examples_*.png"

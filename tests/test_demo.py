@@ -38,9 +38,9 @@ def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root,
     assert [s["method"] for s in summaries] == ["frcn", "ohem"]
     for s in summaries:
         assert s["iterations"] == 4 and s["s_per_iter"] > 0 and s["peak_rss_mb"] > 100
-        assert 0 <= s["voc_AP50"] <= 100 and 0 <= s["coco_AP"] <= 100
+        assert 0 <= s["voc_AP50_11point"] <= 100 and 0 <= s["coco_AP"] <= 100
     table = (out / "summary.md").read_text()
-    assert "FRCN" in table and "OHEM" in table and "VOC07 AP50" in table
+    assert "FRCN" in table and "OHEM" in table and "VOC07 11-point" in table
     assert table.strip() in result.stdout
     # Fig. 3 data: both curves over the same iterations, losses finite and positive
     curves = json.loads((out / "roi_loss.json").read_text())
