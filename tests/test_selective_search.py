@@ -153,3 +153,32 @@ def test_cli_on_the_embedded_dataset_reproduces_its_proposal_file(tmp_path, caps
     # A second run refuses to overwrite silently (checked before any dataset is loaded).
     assert main(command[3:]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_worker_pool_does_not_hang_after_opencv_ran_in_the_parent(image_files, tmp_path):
+    # A parent that has already used OpenCV's and torch's thread pools (as the test suite, or a user's
+    # notebook, does) must still get its images computed by worker processes.
+    code = (
+        "import sys, cv2, numpy as np\n"
+        "from ohem_d2.proposals.selective_search import compute_proposal_file, "
+        "selective_search_boxes\n"
+        "import torch\n"
+        "torch.randn(512, 512) @ torch.randn(512, 512)\n"
+        "cv2.setNumThreads(2)\n"
+        "selective_search_boxes(cv2.imread(sys.argv[2]), min_size=8)\n"
+        "cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))\n"
+        "images = [(f'img{i}', p) for i, p in enumerate(sys.argv[2:])]\n"
+        "run = compute_proposal_file(images, sys.argv[1], min_size=8, workers=2, progress=False)\n"
+        "assert run.complete and run.computed == len(images)\n"
+    )
+    out = str(tmp_path / "p.npz")
+    paths = [p for _, p in image_files[:4]]
+    result = subprocess.run(
+        [sys.executable, "-c", code, out, *paths],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_proposal_file(out).ids) == 4
