@@ -156,8 +156,8 @@ def test_cli_on_the_embedded_dataset_reproduces_its_proposal_file(tmp_path, caps
 
 
 def test_worker_pool_does_not_hang_after_opencv_ran_in_the_parent(image_files, tmp_path):
-    # A parent that has already used OpenCV's and torch's thread pools (as the test suite, or a user's
-    # notebook, does) must still get its images computed by worker processes.
+    # A parent that has already used OpenCV's and torch's thread pools (as the test suite,
+    # or a user's notebook, does) must still get its images computed by worker processes.
     code = (
         "import sys, cv2, numpy as np\n"
         "from ohem_d2.proposals.selective_search import compute_proposal_file, "
