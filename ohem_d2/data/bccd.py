@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from .catalog import is_registered_for
+
 __all__ = [
     "BCCD_CLASS_NAMES",
     "BCCD_DATASET_NAMES",
@@ -153,13 +155,7 @@ def register_bccd(root: str | None = None) -> tuple[str, ...]:
 
     dirname = os.path.abspath(default_bccd_root() if root is None else root)
     for name, split in BCCD_DATASET_NAMES.items():
-        if name in DatasetCatalog.list():
-            registered = MetadataCatalog.get(name).get("dirname", None)
-            if registered is None or os.path.abspath(registered) != dirname:
-                raise ValueError(
-                    f"Dataset {name!r} is already registered with dirname {registered!r}, "
-                    f"not {dirname!r}."
-                )
+        if is_registered_for(name, dirname):
             continue
         DatasetCatalog.register(
             name, lambda d=dirname, s=split, n=name: load_bccd_instances(d, s, n)

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .catalog import is_registered_for
+
 __all__ = [
     "EMBEDDED_CLASS_NAMES",
     "EMBEDDED_DATASET_NAMES",
@@ -96,18 +98,11 @@ def register_embedded_dataset(root: str | None = None) -> tuple[str, ...]:
         ValueError: a name is already registered for another directory (Detectron2's
             metadata cannot change after registration).
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
     dirname = os.path.abspath(default_embedded_root() if root is None else root)
     for name, split in EMBEDDED_DATASET_NAMES.items():
-        if name in DatasetCatalog.list():
-            registered = MetadataCatalog.get(name).get("dirname", None)
-            if registered is None or os.path.abspath(registered) != dirname:
-                raise ValueError(
-                    f"Dataset {name!r} is already registered with dirname {registered!r}, "
-                    f"not {dirname!r}."
-                )
+        if is_registered_for(name, dirname):
             continue
         register_pascal_voc(name, dirname, split, 2007, class_names=list(EMBEDDED_CLASS_NAMES))
     return tuple(EMBEDDED_DATASET_NAMES)
