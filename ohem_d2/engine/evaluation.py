@@ -40,7 +40,7 @@ class RenamedEvaluator(DatasetEvaluator):
         return {self.renames.get(k, k): v for k, v in results.items()}
 
 
-def write_voc_annotations(dataset_dicts, annotations_dir, image_set_file):
+def write_voc_annotations(dataset_dicts, class_names, annotations_dir, image_set_file):
     """Write Detectron2 dataset dicts (XYXY_ABS, as Detectron2's VOC loader makes them) as VOC
     XML files and an image-set file, so that Detectron2's `voc_eval` scores against them.
 
@@ -52,7 +52,7 @@ def write_voc_annotations(dataset_dicts, annotations_dir, image_set_file):
         root = ET.Element("annotation")
         for ann in record["annotations"]:
             obj = ET.SubElement(root, "object")
-            ET.SubElement(obj, "name").text = str(ann["category_name"])
+            ET.SubElement(obj, "name").text = class_names[ann["category_id"]]
             for key, value in (("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0")):
                 ET.SubElement(obj, key).text = value
             box = ET.SubElement(obj, "bndbox")
@@ -88,12 +88,13 @@ class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
         with tempfile.TemporaryDirectory(prefix="ohem_d2_voc_eval_") as tmp:
             anno_template, image_set = self._anno_file_template, self._image_set_path
             if meta.get("annotations_cleaned", False):
-                dicts = DatasetCatalog.get(self._dataset_name)
-                for record in dicts:
-                    for ann in record["annotations"]:
-                        ann["category_name"] = self._class_names[ann["category_id"]]
                 image_set = os.path.join(tmp, "image_set.txt")
-                write_voc_annotations(dicts, os.path.join(tmp, "annotations"), image_set)
+                write_voc_annotations(
+                    DatasetCatalog.get(self._dataset_name),
+                    self._class_names,
+                    os.path.join(tmp, "annotations"),
+                    image_set,
+                )
                 anno_template = os.path.join(tmp, "annotations", "{}.xml")
             res_template = os.path.join(tmp, "{}.txt")
             aps, ap50 = {t: [] for t in range(50, 100, 5)}, {"11point": [], "allpoint": []}

@@ -146,9 +146,9 @@ def _pool_worker_init() -> None:
 def _results_in_processes(tasks, workers):
     """Yield ``_process_image`` results in completion order, at most 4 tasks per worker
     queued. A crashed worker raises ``BrokenProcessPool`` instead of hanging."""
-    # Not "fork": a parent that has already run OpenCV (or torch) holds thread pools whose
-    # state a forked child inherits half-made; cv2.setNumThreads then blocks in the child
-    # forever. A forkserver forks from a clean process that never ran them.
+    # Not "fork": forked workers of the test-suite process, which had already run OpenCV and
+    # torch (thread pools whose locks a child inherits), hung in a futex wait. A forkserver
+    # forks from a clean process that never ran them.
     methods = multiprocessing.get_all_start_methods()
     method = "forkserver" if "forkserver" in methods else "spawn"
     executor = ProcessPoolExecutor(
