@@ -3,10 +3,16 @@
 
 python train_net.py --config-file configs/frcn_vgg16_ohem.yaml --num-gpus 4
 python train_net.py --config-file configs/frcn_vgg16_ohem.yaml --eval-only MODEL.WEIGHTS m.pth
+python train_net.py --config-file configs/lazy/mask_rcnn_fpn_ohem.py train.device=cpu
+
+YAML configs take ``KEY VALUE`` overrides, LazyConfig ``.py`` files ``path.key=value`` ones.
+``--register-coco`` / ``--register-voc`` register one's own datasets for DATASETS.TRAIN/TEST
+(or a LazyConfig's ``dataloader.*.dataset.names``) without editing this script.
 """
 
 import sys
 
+import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
@@ -15,23 +21,34 @@ import ohem_d2
 from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets
 from ohem_d2.engine.allocator import ALLOCATORS, allocator_in_use, relaunch_with_allocator
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
-from ohem_d2.engine.distributed import DistributedSetupError, check_dist_url
+from ohem_d2.engine.datasets import DatasetRegistrationError, register_user_datasets
+from ohem_d2.engine.distributed import DistributedSetupError, check_devices, check_dist_url
+from ohem_d2.model_zoo import ConfigKindError, is_lazy_config, merge_config_file
 
 
 def build_cfg(args):
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     return cfg
 
 
+def register_datasets(args):
+    register_project_datasets()
+    register_user_datasets(coco=args.register_coco, voc=args.register_voc)
+
+
 def main(args):
+    register_datasets(args)
+    if is_lazy_config(args.config_file):
+        from ohem_d2.engine.lazy import lazy_main
+
+        return lazy_main(args)
     cfg = build_cfg(args)
     default_setup(cfg, args)
     print(f"Memory allocator of rank {comm.get_rank()}: {allocator_in_use()}", flush=True)
-    register_project_datasets()
     if args.eval_only:
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -43,7 +60,42 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def check_setup(args):
+    """Fail before the launch, with a message naming the option, where the workers would
+    fail; return the line that says which processes will run."""
+    # Registered here too, so that a bad dataset argument fails before the launch.
+    register_datasets(args)
+    if is_lazy_config(args.config_file):
+        from ohem_d2.engine.lazy import load_lazy_config
+
+        lazy = load_lazy_config(args.config_file, args.opts)
+        device, ims_per_batch, cfg = lazy.train.device, lazy.dataloader.train.total_batch_size, None
+        device_key = "train.device"
+    else:
+        cfg = build_cfg(args)
+        device, ims_per_batch, device_key = (
+            cfg.MODEL.DEVICE,
+            cfg.SOLVER.IMS_PER_BATCH,
+            "MODEL.DEVICE",
+        )
+    world_size = args.num_gpus * args.num_machines
+    processes = check_devices(
+        device,
+        num_processes=args.num_gpus,
+        world_size=world_size,
+        ims_per_batch=ims_per_batch,
+        cuda_available=torch.cuda.is_available(),
+        cuda_device_count=torch.cuda.device_count(),
+        device_key=device_key,
+    )
+    check_dist_url(args.dist_url, world_size=world_size, machine_rank=args.machine_rank)
+    if cfg is not None:
+        # Generated once here, before any worker process starts (a no-op when present).
+        prepare_embedded_dataset(cfg)
+    return processes
+
+
+def parse_args():
     parser = default_argument_parser()
     parser.add_argument(
         "--allocator",
@@ -51,19 +103,34 @@ if __name__ == "__main__":
         default="auto",
         help="CPU memory allocator: jemalloc keeps long runs' memory flat (auto: when found)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--register-voc",
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("NAME", "DIRNAME", "SPLIT", "CLASSES"),
+        help="register a PASCAL VOC-layout dataset under NAME; CLASSES: comma-separated class "
+        "names, or 'voc' for the 20 PASCAL classes (repeatable)",
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = parse_args()
     relaunch_with_allocator(args.allocator)
     print("Command Line Args:", args)
     print("Memory allocator:", allocator_in_use(), flush=True)
-    # Generated once here, before any worker process starts (a no-op when present).
-    prepare_embedded_dataset(build_cfg(args))
     try:
-        check_dist_url(
-            args.dist_url,
-            world_size=args.num_gpus * args.num_machines,
-            machine_rank=args.machine_rank,
-        )
-    except DistributedSetupError as e:
+        print("Processes on this machine:", check_setup(args), flush=True)
+    except (ConfigKindError, DatasetRegistrationError, DistributedSetupError) as e:
         sys.exit(f"ERROR: {e}")
     launch(
         main,

@@ -29,7 +29,6 @@ import time
 
 from .engine.allocator import allocator_in_use, relaunch_with_allocator
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"frcn": "FRCN (heuristic sampling)", "ohem": "OHEM"}
 DATASETS = {"bccd": "BCCD blood cells", "toy": "embedded synthetic shapes"}
 # Detections drawn in detections.png: at least this score, for this many test images.
@@ -42,7 +41,9 @@ CLASS_COLOURS = [(0, 0, 255), (255, 255, 255), (0, 200, 0), (255, 0, 255)]
 
 
 def _config_path(dataset, method):
-    return os.path.join(REPO, "configs", dataset, f"{method}.yaml")
+    from .model_zoo import get_config_file
+
+    return get_config_file(f"{dataset}/{method}.yaml")
 
 
 def default_device():
@@ -63,10 +64,11 @@ def build_demo_cfg(dataset, method, output_dir, iters, seed, device):
     from detectron2.config import get_cfg
 
     from .config import add_ohem_config
+    from .model_zoo import merge_config_file
 
     cfg = get_cfg()
     add_ohem_config(cfg)
-    cfg.merge_from_file(_config_path(dataset, method))
+    merge_config_file(cfg, _config_path(dataset, method))
     # The datasets live under $DETECTRON2_DATASETS (default ./datasets).
     cfg.DATASETS.PROPOSAL_FILES_TRAIN, cfg.DATASETS.PROPOSAL_FILES_TEST = _proposal_files(dataset)
     base_iters = cfg.SOLVER.MAX_ITER
@@ -367,8 +369,19 @@ def prepare_dataset(dataset, cfg):
 
         prepare_embedded_dataset(cfg)
         return
+    from .data.bccd import default_bccd_root
     from .proposals.selective_search import compute_bccd_proposals
 
+    root = default_bccd_root()
+    if not os.path.isdir(os.path.join(root, "JPEGImages")):
+        # An installed wheel holds the code and configs, not the 364 images.
+        raise SystemExit(
+            f"ERROR: BCCD not found (no {os.path.join(root, 'JPEGImages')}). Its images ship "
+            "in the repository's datasets/bccd, not in the installed package: run the demo "
+            "from a clone (`make demo`), or copy datasets/bccd to $DETECTRON2_DATASETS/bccd. "
+            "`--dataset toy` needs no data: it generates it under $DETECTRON2_DATASETS/ohem_toy "
+            "(default ./datasets/ohem_toy)."
+        )
     compute_bccd_proposals(missing_only=True)
 
 
@@ -390,10 +403,11 @@ def main(argv=None):
         from detectron2.config import get_cfg
 
         from .config import add_ohem_config
+        from .model_zoo import merge_config_file
 
         cfg = get_cfg()
         add_ohem_config(cfg)
-        cfg.merge_from_file(_config_path(args.dataset, "frcn"))
+        merge_config_file(cfg, _config_path(args.dataset, "frcn"))
         args.iters = cfg.SOLVER.MAX_ITER
     if args.run:
         run_one(args.dataset, args.run, args.output_dir, args.iters, args.seed, args.device)

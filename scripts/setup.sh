@@ -12,8 +12,9 @@ STAMP="$VENV/.ohem_d2_setup"
 want=$(cat scripts/setup.sh requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 
 link_model_zoo_configs() {
-    # configs/model_zoo -> Detectron2's bundled model-zoo configs, so that our configs can
-    # name them as _BASE_ with a path that resolves from this repo.
+    # configs/model_zoo -> Detectron2's bundled model-zoo configs, so that plain
+    # merge_from_file resolves our configs' "model_zoo/..." bases in a clone too
+    # (ohem_d2.model_zoo.merge_config_file resolves them without the link).
     local zoo
     zoo=$("$VENV/bin/python" -c "import detectron2, os; print(os.path.join(os.path.dirname(detectron2.__file__), 'model_zoo', 'configs'))")
     [ -d "$zoo" ] && ln -sfn "$zoo" configs/model_zoo

@@ -283,6 +283,36 @@ def test_mask_head_trains_on_the_foreground_of_the_hard_set(name, monkeypatch):
         assert torch.equal(m.proposal_boxes.tensor, fg.proposal_boxes.tensor)
 
 
+@pytest.mark.parametrize("name", HEADS)
+def test_images_without_annotations_train_on_hardest_background(name, monkeypatch):
+    """DATALOADER.FILTER_EMPTY_ANNOTATIONS False: an image with no ground truth has only
+    background candidates; the hard set is its hardest background RoIs (no box or mask
+    loss from it), and a batch of two such images trains without error."""
+    cfg = _cfg(name, mask_on=True)
+    cfg.MODEL.ROI_HEADS.OHEM.NMS_THRESH = 1.0  # so that the top-6 can be checked by hand
+    cfg.MODEL.ROI_HEADS.OHEM.READONLY_TRAIN_MODE = False
+    head = _build(cfg)
+    trained_on = _spy_on_losses(monkeypatch, head)
+    features, proposals, targets = _batch(name)
+    targets = [t[:0] for t in targets]  # the same fields, no instance
+    # The readonly scores of every RoI, to find the hardest background by hand.
+    predictor = head.box_predictor[0] if "Cascade" in name else head.box_predictor
+    scores = []
+    predictor.register_forward_hook(lambda m, i, out: scores.append(out[0].detach()))
+    _, losses, scalars = _train_step(head, features, proposals, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses.get("loss_box_reg", losses.get("loss_box_reg_stage0")).detach()) == 0
+    assert float(losses["loss_mask"].detach()) == 0
+    (hard,) = trained_on
+    assert scalars[("stage0/" if "Cascade" in name else "") + "ohem/fg_fraction"] == 0.0
+    readonly = torch.cat(scores[:2]) if len(scores[0]) == 30 else scores[0]
+    for i, h in enumerate(hard):
+        assert (h.gt_classes == K).all() and len(h) == 6
+        background_loss = -torch.log_softmax(readonly[30 * i : 30 * (i + 1)], dim=1)[:, K]
+        expected = proposals[i].proposal_boxes.tensor[background_loss.argsort(descending=True)[:6]]
+        assert torch.equal(h.proposal_boxes.tensor, expected)
+
+
 def test_positive_fraction_and_ignored_rois_from_cfg(monkeypatch):
     name = "OHEMROIHeads"
     cfg = _cfg(name)

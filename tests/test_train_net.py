@@ -11,6 +11,7 @@ from helpers import REPO, run_train_net, toy_overrides
 import ohem_d2
 from ohem_d2.engine import Trainer
 from ohem_d2.engine.allocator import find_jemalloc
+from ohem_d2.model_zoo import merge_config_file
 
 
 def _copypaste(output, task):
@@ -95,6 +96,8 @@ def test_ddp_two_processes_on_cpu(small_toy_root, tmp_path, config):
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "World size: 2" in result.stdout
+    # Said up front: two CPU processes reducing with gloo.
+    assert "Processes on this machine: 2 CPU process(es) (gloo): MODEL.DEVICE cpu" in result.stdout
     # The spawned workers inherit the allocator of the relaunched parent.
     expected = "jemalloc" if find_jemalloc() else "system"
     assert f"Memory allocator of rank 1: {expected}" in result.stdout
@@ -129,7 +132,7 @@ def test_ohem_heads_train_on_embedded_dataset(small_toy_registered, tmp_path, co
 def test_model_zoo_r50_fpn_with_ohem_head(small_toy_registered, tmp_path):
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "faster_rcnn_R_50_FPN_ohem.yaml"))
+    merge_config_file(cfg, os.path.join(REPO, "configs", "faster_rcnn_R_50_FPN_ohem.yaml"))
     cfg.merge_from_list(
         [
             "MODEL.DEVICE", "cpu",

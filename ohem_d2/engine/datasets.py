@@ -1,6 +1,11 @@
-"""Registration of the project's datasets for a training run."""
+"""Registration of the project's datasets, and of the user's own, for a training run."""
 
 import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
+from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
 from ..data.bccd import register_bccd
 from ..data.embedded import (
@@ -17,6 +22,71 @@ def register_project_datasets():
     (Detectron2 registers VOC and COCO itself)."""
     register_embedded_dataset()
     register_bccd()
+
+
+class DatasetRegistrationError(ValueError):
+    """A dataset given on the command line cannot be registered as asked."""
+
+
+def register_user_datasets(coco=(), voc=()):
+    """Register the user's own datasets, so that a config can name them in DATASETS.TRAIN /
+    DATASETS.TEST without editing any script (``train_net.py --register-coco / --register-voc``).
+
+    Args:
+        coco: (name, json_file, image_root) triples: COCO-format instance annotations
+            (boxes, and masks or keypoints when the file has them), registered with
+            Detectron2's ``register_coco_instances``.
+        voc: (name, dirname, split, classes) tuples: a PASCAL VOC layout (``Annotations/``,
+            ``JPEGImages/``, ``ImageSets/Main/<split>.txt``) registered with Detectron2's
+            ``register_pascal_voc``; ``classes`` is a comma-separated list of class names, or
+            "voc" for the 20 PASCAL classes.
+
+    Returns:
+        The registered names, in order. A name that is already registered, a missing file or
+        folder, or an empty class list raises :class:`DatasetRegistrationError`.
+    """
+    names = []
+    for name, json_file, image_root in coco:
+        names.append(name)
+        if _registered_as(name, json_file=json_file, image_root=image_root):
+            continue
+        _check_exists(json_file, "COCO annotation file", name)
+        _check_exists(image_root, "image folder", name)
+        register_coco_instances(name, {}, json_file, image_root)
+    for name, dirname, split, classes in voc:
+        names.append(name)
+        if _registered_as(name, dirname=dirname, split=split):
+            continue
+        image_set = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+        _check_exists(image_set, "VOC image set", name)
+        if classes == "voc":
+            class_names = list(VOC_CLASS_NAMES)
+        else:
+            class_names = [c.strip() for c in classes.split(",") if c.strip()]
+        if not class_names:
+            raise DatasetRegistrationError(f"dataset {name!r}: no class names in {classes!r}")
+        # The year only selects VOC07's 11-point AP (2007) or the all-point AP (2012).
+        register_pascal_voc(name, dirname, split, 2012, class_names)
+    return names
+
+
+def _registered_as(name, **metadata):
+    """True if ``name`` is registered with this metadata already (a second call in the same
+    process); raise if it is registered as something else."""
+    if name not in DatasetCatalog.list():
+        return False
+    meta = MetadataCatalog.get(name)
+    if all(meta.get(k, None) == v for k, v in metadata.items()):
+        return True
+    raise DatasetRegistrationError(
+        f"dataset {name!r} is already registered for other files (Detectron2's builtin "
+        "datasets and the project's own are registered); choose another name"
+    )
+
+
+def _check_exists(path, what, name):
+    if not os.path.exists(path):
+        raise DatasetRegistrationError(f"dataset {name!r}: {what} {path} does not exist")
 
 
 def prepare_embedded_dataset(cfg):

@@ -6,7 +6,7 @@ import errno
 import socket
 from urllib.parse import urlparse
 
-__all__ = ["DistributedSetupError", "check_dist_url"]
+__all__ = ["DistributedSetupError", "check_devices", "check_dist_url"]
 
 
 class DistributedSetupError(RuntimeError):
@@ -40,3 +40,62 @@ def check_dist_url(dist_url: str, *, world_size: int, machine_rank: int) -> None
                 ) from e
             # e.g. EADDRNOTAVAIL: the host is not an address of this machine; leave it to
             # PyTorch.
+
+
+def check_devices(
+    device: str,
+    *,
+    num_processes: int,
+    world_size: int,
+    ims_per_batch: int,
+    cuda_available: bool,
+    cuda_device_count: int,
+    device_key: str = "MODEL.DEVICE",
+) -> str:
+    """Refuse, before any process starts, a device set-up that would fail inside the workers.
+
+    Args:
+        device: the config's MODEL.DEVICE ("cuda", "cuda:1", "cpu", ...).
+        num_processes: processes this machine starts (``--num-gpus``).
+        world_size: processes of all machines (``--num-gpus`` x ``--num-machines``).
+        ims_per_batch: SOLVER.IMS_PER_BATCH, the total batch, split evenly over world_size.
+        cuda_available, cuda_device_count: what torch.cuda reports on this machine.
+        device_key: the config key of the device: "MODEL.DEVICE" (YAML, overridden as
+            ``MODEL.DEVICE cpu``) or "train.device" (LazyConfig, ``train.device=cpu``).
+
+    Returns:
+        One line saying what will run, e.g. "4 CPU processes (gloo)", for the log.
+    """
+    cpu = f"{device_key}=cpu" if device_key == "train.device" else f"{device_key} cpu"
+    if device.startswith("cuda"):
+        if not cuda_available:
+            raise DistributedSetupError(
+                f"{device_key} is {device!r} but this machine has no usable CUDA GPU "
+                f"(torch.cuda.is_available() is False). Add `{cpu}` to the command line to "
+                "train on the CPU; --num-gpus N then starts N CPU processes that communicate "
+                "with gloo."
+            )
+        if num_processes > cuda_device_count:
+            raise DistributedSetupError(
+                f"--num-gpus {num_processes} but this machine has {cuda_device_count} CUDA "
+                f"GPU(s); use at most that many, or `{cpu}` for CPU processes."
+            )
+    elif num_processes > 1 and cuda_available:
+        # Detectron2's launcher picks NCCL whenever CUDA is present, and NCCL cannot reduce
+        # the gradients of a CPU model.
+        raise DistributedSetupError(
+            f"{device_key} {device} with --num-gpus {num_processes} on a machine with CUDA: "
+            "Detectron2's launcher would use NCCL, which cannot reduce CPU tensors. Run with "
+            "CUDA_VISIBLE_DEVICES= set to empty for CPU processes (gloo), or use a CUDA "
+            "device."
+        )
+    if ims_per_batch % world_size != 0:
+        raise DistributedSetupError(
+            f"SOLVER.IMS_PER_BATCH ({ims_per_batch}) must be divisible by the number of "
+            f"processes ({world_size} = --num-gpus x --num-machines): each takes an equal share."
+        )
+    if device.startswith("cuda"):
+        backend = "nccl" if num_processes > 1 else "single process"
+        return f"{num_processes} CUDA process(es) ({backend})"
+    backend = "gloo" if num_processes > 1 else "single process"
+    return f"{num_processes} CPU process(es) ({backend}): {device_key} {device}"

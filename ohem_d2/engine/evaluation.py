@@ -125,9 +125,21 @@ class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
         return OrderedDict(bbox=result)
 
 
-def build_detection_evaluator(dataset_name: str, output_dir: str) -> DatasetEvaluator:
+def evaluation_tasks(cfg=None) -> tuple[str, ...]:
+    """The COCO tasks the model predicts, as Detectron2's train_net chooses them: "bbox",
+    plus "segm" with ``MODEL.MASK_ON`` and "keypoints" with ``MODEL.KEYPOINT_ON``."""
+    tasks = ["bbox"]
+    if cfg is not None and cfg.MODEL.MASK_ON:
+        tasks.append("segm")
+    if cfg is not None and cfg.MODEL.KEYPOINT_ON:
+        tasks.append("keypoints")
+    return tuple(tasks)
+
+
+def build_detection_evaluator(dataset_name: str, output_dir: str, cfg=None) -> DatasetEvaluator:
     """VOC metrics ("voc_bbox": AP, AP50, AP75) for VOC-style datasets, COCO metrics
-    ("bbox": AP, AP50, AP75, APs, APm, APl) for every dataset, COCO-style ones included."""
+    ("bbox": AP, AP50, AP75, APs, APm, APl) for every dataset, COCO-style ones included, and
+    COCO "segm" / "keypoints" AP when ``cfg`` is a mask / keypoint model."""
     meta = MetadataCatalog.get(dataset_name)
     evaluators = []
     # register_pascal_voc() sets no evaluator_type (Detectron2's builtin registration adds
@@ -141,9 +153,10 @@ def build_detection_evaluator(dataset_name: str, output_dir: str) -> DatasetEval
     evaluators.append(
         COCOEvaluator(
             dataset_name,
-            tasks=("bbox",),
+            tasks=evaluation_tasks(cfg),
             distributed=True,
             output_dir=os.path.join(output_dir, "inference", dataset_name),
+            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS if cfg is not None else (),
         )
     )
     return DatasetEvaluators(evaluators)

@@ -80,7 +80,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
-        return build_detection_evaluator(dataset_name, cfg.OUTPUT_DIR)
+        return build_detection_evaluator(dataset_name, cfg.OUTPUT_DIR, cfg)
 
 
 __all__ = ["Trainer", "ddp_device_ids"]

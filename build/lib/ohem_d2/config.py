@@ -1,0 +1,92 @@
+"""Config keys of ohem-d2. Defaults are the paper's values (PAPER.md, authors' Caffe code)."""
+
+from detectron2.config import CfgNode as CN
+
+
+class MissingOHEMConfigError(ValueError):
+    """A config without this project's keys: `add_ohem_config(cfg)` was not called."""
+
+
+def require_ohem_config(cfg, node: str) -> None:
+    """Raise :class:`MissingOHEMConfigError` naming the missing call if ``cfg`` lacks the
+    project's node ``node`` (e.g. "MODEL.ROI_HEADS.OHEM"), instead of a bare AttributeError
+    from deep inside a component's ``from_config``."""
+    value = cfg
+    for part in node.split("."):
+        if part not in value:
+            raise MissingOHEMConfigError(
+                f"The config has no {node}: call ohem_d2.add_ohem_config(cfg) after "
+                "get_cfg() and before merging a config file (it adds this project's keys "
+                "with the paper's defaults)."
+            )
+        value = value[part]
+
+
+def add_ohem_config(cfg):
+    """Add every key this project defines to a Detectron2 config, in place.
+
+    Idempotent, so that a project that calls it twice (e.g. once per extension) is safe.
+    """
+    _C = cfg
+
+    # --- VGG backbones (Simonyan & Zisserman; VGG_CNN_M_1024 of Chatfield et al.) ---
+    if "VGG" not in _C.MODEL:
+        _C.MODEL.VGG = CN()
+    # "VGG16" (13 conv layers, conv5_3 at stride 16, pool5 removed) or "VGG_CNN_M_1024".
+    _C.MODEL.VGG.ARCH = "VGG16"
+    # Multiplies every conv layer's channel count; < 1 gives a narrow net of the same shape
+    # for CPU demos and tests. 1.0 is the paper's network.
+    _C.MODEL.VGG.WIDTH_MULT = 1.0
+    # Output sizes of fc6, fc7 of the box head (VGGFCHead): 4096/4096 for VGG16 and
+    # 4096/1024 for VGG_CNN_M_1024.
+    _C.MODEL.VGG.FC_DIMS = [4096, 4096]
+    # Normalisation after every conv layer: "" (the paper's VGG has none) or a Detectron2
+    # norm ("BN", "GN", "SyncBN"). Only for training from scratch (CPU demo, tests).
+    _C.MODEL.VGG.NORM = ""
+
+    # Dropout probability after fc6 and fc7 of VGGFCHead (the paper: 0.5).
+    _C.MODEL.ROI_BOX_HEAD.DROPOUT = 0.5
+
+    # --- Precomputed proposals (SelectiveSearchProposals) ---
+    # Detectron2's PROPOSAL_GENERATOR.MIN_SIZE is used as documented there: boxes whose
+    # side is smaller (in pixels of the resized image) are dropped.
+    # Proposal files may be Detectron2 pickles only when the user says they are trusted:
+    # unpickling runs arbitrary code. The .npz format is always safe.
+    _C.DATASETS.PROPOSAL_FILES_TRUSTED = False
+
+    # --- Online hard example mining (MODEL.ROI_HEADS.OHEM) ---
+    _C.MODEL.ROI_HEADS.OHEM = CN()
+    # IoU threshold of the NMS that removes near-duplicate RoIs, with the per-RoI loss as
+    # score (paper: 0.7). Values >= 1.0 turn the NMS off.
+    _C.MODEL.ROI_HEADS.OHEM.NMS_THRESH = 0.7
+    # Suppress only among RoIs of the same assigned label, as the authors' code does.
+    # False runs one NMS over all RoIs of the image.
+    _C.MODEL.ROI_HEADS.OHEM.NMS_PER_LABEL = True
+    # Which loss ranks RoIs: "cls+box" (paper: softmax cross-entropy + smooth-L1 for
+    # foreground RoIs) or "cls" (classification loss only).
+    _C.MODEL.ROI_HEADS.OHEM.HARDNESS = "cls+box"
+    # -1: pure OHEM, no foreground/background ratio (paper). A value in (0, 1] keeps at
+    # most that fraction of foreground RoIs in the hard set (mmdetection's OHEM sampler).
+    _C.MODEL.ROI_HEADS.OHEM.POSITIVE_FRACTION = -1.0
+    # Run the readonly pass with dropout active, as the authors' Caffe net did (True), or
+    # deterministically (False).
+    _C.MODEL.ROI_HEADS.OHEM.READONLY_TRAIN_MODE = True
+    # RoIs per chunk of the readonly pass, so its memory does not grow with the number of
+    # proposals. 0 scores all RoIs of an image at once.
+    _C.MODEL.ROI_HEADS.OHEM.READONLY_CHUNK_SIZE = 1024
+    # A faster, approximate readonly pass (beyond the paper; off by default). The hard set
+    # then differs slightly from the exact one (benchmarks/README.md measures how much).
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY = CN()
+    # "": the exact readonly pass (paper). "lowrank": the first NUM_LAYERS fully-connected
+    # layers of the box head that a rank-RANK factorisation makes cheaper (VGG16: fc6) run as
+    # two thin layers W ~ P P^T W, P the top RANK principal directions of the layer's outputs.
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.MODE = ""
+    # Rank of the factorised layers.
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.RANK = 256
+    # Every REFRESH_PERIOD readonly passes, one runs exactly and re-estimates P from its
+    # outputs (the first pass always does).
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.REFRESH_PERIOD = 200
+    # How many layers to factorise, in module order; 0: all that get cheaper. 1 (fc6 alone)
+    # because layers after a dropout lose its noise in a low-rank stand-in.
+    _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.NUM_LAYERS = 1
+    return cfg

@@ -1,0 +1,171 @@
+"""Checkpoint loading that cannot run code and refuses a checkpoint that does not fit the model.
+
+Detectron2's :class:`DetectionCheckpointer` unpickles ``.pkl`` files with ``pickle.load``
+(a downloaded file can run any code) and only warns when a tensor's shape differs from the
+model's (a checkpoint trained for another number of classes then silently keeps a randomly
+initialised predictor). :class:`SafeDetectionCheckpointer` reads ``.pth`` files with
+``torch.load(..., weights_only=True)``, ``.pkl`` files with an unpickler that builds only
+numpy arrays and plain containers, and raises :class:`CheckpointMismatchError` on any shape
+mismatch. It also writes checkpoints atomically (a temporary file, then a rename), so that a
+job killed while saving leaves the previous checkpoint and a valid ``last_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["CheckpointMismatchError", "SafeDetectionCheckpointer", "UnsafeCheckpointError"]
+
+logger = logging.getLogger(__name__)
+
+# What a Detectron2 / Detectron (Caffe2) model-zoo pickle may contain: numpy arrays (also
+# from numpy < 2, whose module was numpy.core), their dtypes and scalars, and the byte
+# strings of Python 2 pickles. Nothing here calls user-controlled code.
+_SAFE_PICKLE_GLOBALS = frozenset(
+    [
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"),
+    ]
+)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint pickle refers to a Python object that loading would have to construct or
+    call (it may run code)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not have the shapes of the model built from the config."""
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_PICKLE_GLOBALS or (
+            module.startswith("numpy") and name.endswith("DType")
+        ):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"Checkpoint {self.path!r} refers to the Python object {module}.{name}; loading "
+            "it could run arbitrary code, so it is refused. Only numpy arrays, numbers, "
+            "strings and plain containers are read from .pkl checkpoints; convert the file "
+            "to a .pth of tensors (torch.save of a state dict) from a trusted environment."
+        )
+
+
+def load_pickle_arrays_only(path: str):
+    """Unpickle `path`, building only numpy arrays and plain Python containers.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names any other Python object.
+    """
+    with PathManager.open(path, "rb") as f:
+        return _ArraysOnlyUnpickler(f, path).load()
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """A :class:`DetectionCheckpointer` that never runs code from a checkpoint file and raises
+    :class:`CheckpointMismatchError` (naming the file, the key and both shapes) where
+    Detectron2 would skip a tensor of the wrong shape with a warning."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if "://" in self.save_dir:  # a remote store: no rename there
+            return super().save(name, **kwargs)
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _write_atomic(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _write_atomic(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_file(self, filename):
+        self._loading = filename
+        if filename.endswith(".pkl"):
+            data = load_pickle_arrays_only(filename)
+            # The same interpretation as DetectionCheckpointer._load_file.
+            if "model" in data and "__author__" in data:
+                self.logger.info("Reading a file from '{}'".format(data["__author__"]))
+                return data
+            if "blobs" in data:
+                data = data["blobs"]
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        return super()._load_file(filename)
+
+    def _torch_load(self, f):
+        # Explicit, whatever the torch version's default: tensors and plain containers only.
+        return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        if incompatible.incorrect_shapes:
+            key, shape_checkpoint, shape_model = incompatible.incorrect_shapes[0]
+            others = [k for k, _, _ in incompatible.incorrect_shapes[1:]]
+            hint = ""
+            if "box_predictor" in key:
+                hint = (
+                    " The box predictor's shapes follow MODEL.ROI_HEADS.NUM_CLASSES (cls_score "
+                    "has NUM_CLASSES + 1 rows): the checkpoint was trained for another number "
+                    "of classes than the config says."
+                )
+            raise CheckpointMismatchError(
+                f"Checkpoint {self._loading!r} does not fit the model built from the config: "
+                f"{key!r} has shape {tuple(shape_checkpoint)} in the checkpoint but "
+                f"{tuple(shape_model)} in the model"
+                + (f" (and {len(others)} more key(s): {others})" if others else "")
+                + "."
+                + hint
+                + " To start from such a checkpoint on purpose (e.g. fine-tuning on another "
+                "dataset), save a copy without these keys and load that."
+            )
+        return incompatible
+
+
+def _write_atomic(path: str, write) -> None:
+    """Call `write(f)` on a temporary file next to `path`, then rename it to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the permissions open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,211 @@
+"""Training hooks that show what OHEM does: the loss over all RoIs (paper Fig. 3) and
+pictures of the hard RoIs it picks."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+from detectron2.engine import HookBase
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
+from detectron2.structures import pairwise_iou
+from detectron2.utils.events import EventStorage
+from torch.nn.parallel import DistributedDataParallel
+
+from ..modeling.ohem import per_roi_losses
+
+# BGR colours of the slide deck's figure.
+GT_COLOUR, FG_COLOUR, BG_COLOUR = (0, 255, 255), (0, 0, 255), (255, 0, 0)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def label_all_rois(proposals, targets, num_classes, iou_threshold=0.5):
+    """Label every proposal plus the GT boxes as the paper defines it for OHEM: foreground
+    (the matched GT class) at IoU >= `iou_threshold`, background (`num_classes`) below."""
+    proposals = add_ground_truth_to_proposals(targets, proposals)
+    matcher = Matcher([iou_threshold], [0, 1], allow_low_quality_matches=False)
+    for props, gt in zip(proposals, targets):
+        if len(gt) == 0:
+            props.gt_classes = torch.full((len(props),), num_classes, dtype=torch.int64)
+            continue
+        idx, fg = matcher(pairwise_iou(gt.gt_boxes, props.proposal_boxes))
+        props.gt_classes = torch.where(fg == 1, gt.gt_classes[idx], num_classes)
+        props.gt_boxes = gt.gt_boxes[idx]
+    return proposals
+
+
+class RoILossProbe(HookBase):
+    """Every `period` iterations, the mean loss per RoI over ALL RoIs of fixed training images,
+    split into the parts that foreground and background RoIs contribute.
+
+    The paper's Fig. 3 compares methods by this number (not by the loss on each method's own
+    minibatch, which differs by construction). Dropout is off while probing, so the value
+    depends on the weights only. ``fg_part + bg_part == mean_roi_loss``: each part is the sum
+    of its RoIs' losses divided by the number of all RoIs. Written to
+    `<output_dir>/roi_loss_probe.json` and to the EventStorage as "probe/mean_roi_loss",
+    "probe/roi_loss_fg_part" and "probe/roi_loss_bg_part".
+    """
+
+    KEYS = ("mean_roi_loss", "fg_part", "bg_part", "fg_fraction")
+
+    def __init__(self, inputs, period, output_dir):
+        self.inputs, self.period, self.output_dir = inputs, period, output_dir
+        self.history = []
+
+    def roi_losses(self):
+        """(R,) loss of every RoI of the probe images, and (R,) bool: is it foreground."""
+        model = _unwrap(self.trainer.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                images = model.preprocess_image(self.inputs)
+                features = model.backbone(images.tensor)
+                proposals = model.select_proposals(self.inputs)
+                targets = [x["instances"].to(model.device) for x in self.inputs]
+                head = model.roi_heads
+                labeled = label_all_rois(proposals, targets, head.num_classes)
+                feats = [features[f] for f in head.in_features]
+                pooled = head.box_pooler(feats, [p.proposal_boxes for p in labeled])
+                predictions = head.box_predictor(head.box_head(pooled))
+                losses = per_roi_losses(head.box_predictor, predictions, labeled)
+                is_fg = torch.cat([p.gt_classes < head.num_classes for p in labeled])
+                return losses, is_fg
+        finally:
+            model.train(was_training)
+
+    def measure(self):
+        """A dict with the values of :attr:`KEYS`."""
+        losses, is_fg = self.roi_losses()
+        count = max(1, losses.numel())
+        fg_part = float(losses[is_fg].sum()) / count
+        bg_part = float(losses[~is_fg].sum()) / count
+        return {
+            "mean_roi_loss": fg_part + bg_part,
+            "fg_part": fg_part,
+            "bg_part": bg_part,
+            "fg_fraction": float(is_fg.sum()) / count,
+        }
+
+    def after_step(self):
+        it = self.trainer.iter
+        if it == 0 or (it + 1) % self.period == 0 or it + 1 == self.trainer.max_iter:
+            values = self.measure()
+            self.history.append((it + 1, values))
+            storage = self.trainer.storage
+            storage.put_scalar("probe/mean_roi_loss", values["mean_roi_loss"], smoothing_hint=False)
+            storage.put_scalar("probe/roi_loss_fg_part", values["fg_part"], smoothing_hint=False)
+            storage.put_scalar("probe/roi_loss_bg_part", values["bg_part"], smoothing_hint=False)
+
+    def after_train(self):
+        os.makedirs(self.output_dir, exist_ok=True)
+        record = {"iteration": [i for i, _ in self.history]}
+        record.update({k: [v[k] for _, v in self.history] for k in self.KEYS})
+        with open(os.path.join(self.output_dir, "roi_loss_probe.json"), "w") as f:
+            json.dump(record, f)
+
+
+class TrainingProgress(HookBase):
+    """A progress bar with the iteration, the total loss and the ETA of the run (stderr)."""
+
+    def __init__(self, description):
+        self.description = description
+        self.bar = None
+
+    def before_train(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.trainer.max_iter,
+            initial=self.trainer.start_iter,
+            desc=self.description,
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
+
+    def after_step(self):
+        latest = self.trainer.storage.latest()
+        if "total_loss" in latest:
+            self.bar.set_postfix(loss=f"{latest['total_loss'][0]:.3f}", refresh=False)
+        self.bar.update(1)
+
+    def after_train(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, scale=2):
+    """An BGR uint8 picture: GT yellow, hard foreground RoIs red, hard background blue."""
+    img = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    order = np.argsort(hard_is_fg, kind="stable")  # background first, foreground on top
+    for box, fg in zip(hard_boxes[order], hard_is_fg[order]):
+        x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
+        cv2.rectangle(img, (x0, y0), (x1, y1), FG_COLOUR if fg else BG_COLOUR, 1)
+    for box in gt_boxes:
+        x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
+        cv2.rectangle(img, (x0, y0), (x1, y1), GT_COLOUR, 2)
+    return img
+
+
+class HardExampleSnapshot(HookBase):
+    """At the given iterations, draws the hard set OHEM mines on fixed training images.
+
+    Writes `<output_dir>/hard_examples_iter<N>.png` (the images side by side) and a JSON with
+    the boxes and labels behind each picture.
+    """
+
+    def __init__(self, inputs, iterations, output_dir):
+        self.inputs, self.iterations, self.output_dir = inputs, set(iterations), output_dir
+        self.written = []
+
+    @torch.no_grad()
+    def mine(self):
+        model = _unwrap(self.trainer.model)
+        head = model.roi_heads
+        images = model.preprocess_image(self.inputs)
+        features = model.backbone(images.tensor)
+        proposals = model.select_proposals(self.inputs)
+        targets = [x["instances"].to(model.device) for x in self.inputs]
+        # A scratch storage: the miner's diagnostics must not mix into the training step's.
+        with EventStorage(self.trainer.iter):
+            hard = head.mine_hard_examples(features, proposals, targets)
+        return hard, targets, head.num_classes
+
+    def after_step(self):
+        it = self.trainer.iter + 1
+        if it not in self.iterations:
+            return
+        hard, targets, num_classes = self.mine()
+        panels, record = [], []
+        for x, h, t in zip(self.inputs, hard, targets):
+            image = x["image"].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+            boxes = h.proposal_boxes.tensor.cpu().numpy()
+            is_fg = (h.gt_classes < num_classes).cpu().numpy()
+            gt = t.gt_boxes.tensor.cpu().numpy()
+            panels.append(draw_hard_examples(image, gt, boxes, is_fg))
+            record.append(
+                {
+                    "file_name": x.get("file_name"),
+                    "gt_boxes": gt.tolist(),
+                    "hard_boxes": boxes.tolist(),
+                    "hard_is_fg": is_fg.tolist(),
+                }
+            )
+        height = max(p.shape[0] for p in panels)
+        panels = [
+            cv2.copyMakeBorder(p, 0, height - p.shape[0], 0, 4, cv2.BORDER_CONSTANT) for p in panels
+        ]
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, f"hard_examples_iter{it:05d}.png")
+        cv2.imwrite(path, np.concatenate(panels, axis=1))
+        with open(path[:-4] + ".json", "w") as f:
+            json.dump({"iteration": it, "images": record}, f)
+        self.written.append(path)

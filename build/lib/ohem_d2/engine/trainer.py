@@ -1,0 +1,86 @@
+"""Detectron2's DefaultTrainer with proposal-aware data loaders, dataset-following
+evaluators, a DDP wrapper that also works for CPU models, safe and strict checkpoint loading,
+and a ``metrics.json`` that stays consistent across a crash and ``--resume``."""
+
+import logging
+import os
+import weakref
+
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .checkpoint import SafeDetectionCheckpointer
+from .evaluation import build_detection_evaluator
+from .loaders import build_test_loader_with_proposals, build_train_loader_with_proposals
+from .resume import WriteMetricsAtCheckpoints, truncate_metrics
+
+
+def ddp_device_ids(model):
+    """DDP's `device_ids`: this rank's GPU for a CUDA model, None for a CPU model (DDP
+    refuses device ids for CPU modules, which Detectron2's create_ddp_model always passes)."""
+    device = next(model.parameters()).device
+    return [comm.get_local_rank()] if device.type == "cuda" else None
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        # Same construction as DefaultTrainer.__init__, except the DDP wrapper's device ids.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(model))
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if resume and comm.is_main_process():
+            # Metrics logged after the checkpoint describe work that is lost and redone now.
+            truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter - 1)
+
+    def build_writers(self):
+        self._metric_writers = super().build_writers()
+        return self._metric_writers
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if comm.is_main_process():
+            # Before the periodic writer (the last hook), after checkpointing and evaluation.
+            at_checkpoints = WriteMetricsAtCheckpoints(
+                self._metric_writers, self.cfg.SOLVER.CHECKPOINT_PERIOD
+            )
+            hooks.insert(len(hooks) - 1, at_checkpoints)
+        return hooks
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.MODEL.LOAD_PROPOSALS:
+            return build_train_loader_with_proposals(cfg)
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if cfg.MODEL.LOAD_PROPOSALS:
+            return build_test_loader_with_proposals(cfg, dataset_name)
+        return super().build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name):
+        return build_detection_evaluator(dataset_name, cfg.OUTPUT_DIR, cfg)
+
+
+__all__ = ["Trainer", "ddp_device_ids"]

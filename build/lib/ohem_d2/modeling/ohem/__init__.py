@@ -1,0 +1,26 @@
+"""Online hard example mining (Shrivastava, Gupta, Girshick, CVPR 2016) for Detectron2 ROI heads.
+
+Importing this package registers ``OHEMROIHeads``, ``OHEMRes5ROIHeads`` and
+``OHEMCascadeROIHeads`` in Detectron2's ``ROI_HEADS_REGISTRY``.
+"""
+
+from .fast_readonly import LowRankReadonly, build_readonly_approximation
+from .miner import HardExampleMiner
+from .mining import select_hard_examples
+from .roi_heads import OHEMCascadeROIHeads, OHEMHeadMixin, OHEMRes5ROIHeads, OHEMROIHeads
+from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_losses, readonly_mode
+
+__all__ = [
+    "HardExampleMiner",
+    "LowRankReadonly",
+    "OHEMCascadeROIHeads",
+    "OHEMHeadMixin",
+    "OHEMROIHeads",
+    "OHEMRes5ROIHeads",
+    "ReadonlyScorer",
+    "build_readonly_approximation",
+    "check_box_predictor_supported",
+    "per_roi_losses",
+    "readonly_mode",
+    "select_hard_examples",
+]

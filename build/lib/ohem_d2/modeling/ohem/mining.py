@@ -1,0 +1,90 @@
+"""The hard-RoI selection rule of OHEM (Shrivastava et al., CVPR 2016, Sec. 4), for one image.
+
+A pure function: per-RoI losses, boxes and labels in, kept indices out. No cfg, no logging.
+"""
+
+import math
+
+import torch
+from torchvision.ops import batched_nms, nms
+
+__all__ = ["select_hard_examples"]
+
+
+def _hardest_first(losses: torch.Tensor) -> torch.Tensor:
+    """Indices sorting ``losses`` descending; equal losses keep the lower index first."""
+    return torch.sort(losses, descending=True, stable=True).indices
+
+
+@torch.no_grad()
+def select_hard_examples(
+    losses: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    nms_thresh: float,
+    nms_per_label: bool,
+    background_label: int,
+    positive_fraction: float = -1.0,
+) -> tuple[torch.Tensor, int]:
+    """Select the hard RoIs of one image, as the authors' hard-RoI sampler does.
+
+    RoIs labelled -1 (ignored by the matcher) are never candidates. The others are sorted by
+    loss (descending, lower index first on ties), de-duplicated by greedy NMS with the loss as
+    score (within each label if ``nms_per_label``; off when ``nms_thresh >= 1``), and the
+    first ``batch_size`` survivors are kept.
+
+    Args:
+        losses: (R,) per-RoI loss, finite.
+        boxes: (R, 4) RoI boxes, XYXY.
+        labels: (R,) int64, assigned class in [0, K], K = ``background_label``, or -1 (ignored).
+        batch_size: number of RoIs to keep at most (the paper's B/N), > 0.
+        nms_thresh: IoU above which the less hard of two RoIs is suppressed (paper: 0.7).
+        nms_per_label: suppress only among RoIs of the same label (the authors' code).
+        background_label: label of the background class (K).
+        positive_fraction: -1 (or <= 0): pure OHEM, no class ratio. In (0, 1]: at most
+            ``floor(batch_size * positive_fraction)`` foreground RoIs (the hardest), the rest
+            filled with the hardest background RoIs, as mmdetection's OHEM sampler does.
+
+    Returns:
+        keep: (B',) int64 indices into the R RoIs, hardest first, B' <= batch_size.
+        num_after_nms: number of candidates that survive the NMS (before the top-B cut).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if positive_fraction > 1.0:
+        raise ValueError(f"positive_fraction must be -1 or in (0, 1], got {positive_fraction}")
+
+    candidates = torch.nonzero(labels >= 0).squeeze(1)
+    if candidates.numel() == 0:
+        return candidates, 0
+    # From here on, everything is in candidate order: hardest first, ties by index.
+    candidates = candidates[_hardest_first(losses[candidates])]
+    cand_boxes = boxes[candidates].float()
+    cand_labels = labels[candidates]
+
+    if nms_thresh < 1.0:
+        # Strictly decreasing rank scores give NMS the same greedy order as the losses, but
+        # make it deterministic when losses tie. NMS returns survivors by decreasing score,
+        # hence in candidate order.
+        n = candidates.numel()
+        rank_scores = torch.arange(n, 0, -1, device=cand_boxes.device, dtype=torch.float32)
+        if nms_per_label:
+            survivors = batched_nms(cand_boxes, rank_scores, cand_labels, nms_thresh)
+        else:
+            survivors = nms(cand_boxes, rank_scores, nms_thresh)
+        candidates = candidates[survivors]
+        cand_labels = cand_labels[survivors]
+    num_after_nms = int(candidates.numel())
+
+    if positive_fraction <= 0:
+        return candidates[:batch_size], num_after_nms
+
+    is_fg = cand_labels != background_label
+    max_fg = math.floor(batch_size * positive_fraction)
+    fg_rank = torch.nonzero(is_fg).squeeze(1)[:max_fg]
+    bg_rank = torch.nonzero(~is_fg).squeeze(1)[: batch_size - fg_rank.numel()]
+    # Merge the two lists back into hardest-first order.
+    ranks = torch.sort(torch.cat([fg_rank, bg_rank])).values
+    return candidates[ranks], num_after_nms
