@@ -372,3 +372,11 @@ def test_wheel_holds_the_configs_and_the_licence(tmp_path):
     demo = subprocess.run([sys.executable, "-m", "ohem_d2.demo", "--iters", "1"], **run)
     assert demo.returncode != 0
     assert "BCCD not found" in demo.stderr and "--dataset toy" in demo.stderr, demo.stderr[-2000:]
+
+
+def test_yaml_config_given_as_lazyconfig_names_what_is_missing():
+    from ohem_d2.engine.lazy import load_lazy_config
+    from ohem_d2.model_zoo import ConfigKindError
+
+    with pytest.raises(ConfigKindError, match="lacks model, dataloader, optimizer"):
+        load_lazy_config(os.path.join(REPO, "configs", "bccd", "ohem.yaml"))
