@@ -69,12 +69,9 @@ def merge_config_file(cfg: CfgNode, path: str) -> CfgNode:
     with open(path) as f:
         loaded = yaml.safe_load(f) or {}
     base = loaded.get("_BASE_") if isinstance(loaded, dict) else None
-    if not (isinstance(base, str) and base.startswith(ZOO_PREFIX)):
-        cfg.merge_from_file(path)
-        return cfg
-    local = os.path.join(os.path.dirname(path), base)
-    if os.path.exists(local):
-        # A clone set up by scripts/setup.sh links configs/model_zoo to the same files.
+    zoo_base = isinstance(base, str) and base.startswith(ZOO_PREFIX)
+    # In a clone, scripts/setup.sh links configs/model_zoo to the same files.
+    if not zoo_base or os.path.exists(os.path.join(os.path.dirname(path), base)):
         cfg.merge_from_file(path)
         return cfg
     from detectron2 import model_zoo
