@@ -70,14 +70,11 @@ def check_setup(args):
 
         lazy = load_lazy_config(args.config_file, args.opts)
         device, ims_per_batch, cfg = lazy.train.device, lazy.dataloader.train.total_batch_size, None
-        device_key = "train.device"
+        device_key, batch_key = "train.device", "dataloader.train.total_batch_size"
     else:
         cfg = build_cfg(args)
-        device, ims_per_batch, device_key = (
-            cfg.MODEL.DEVICE,
-            cfg.SOLVER.IMS_PER_BATCH,
-            "MODEL.DEVICE",
-        )
+        device, ims_per_batch = cfg.MODEL.DEVICE, cfg.SOLVER.IMS_PER_BATCH
+        device_key, batch_key = "MODEL.DEVICE", "SOLVER.IMS_PER_BATCH"
     world_size = args.num_gpus * args.num_machines
     processes = check_devices(
         device,
@@ -87,6 +84,7 @@ def check_setup(args):
         cuda_available=torch.cuda.is_available(),
         cuda_device_count=torch.cuda.device_count(),
         device_key=device_key,
+        batch_key=batch_key,
     )
     check_dist_url(args.dist_url, world_size=world_size, machine_rank=args.machine_rank)
     if cfg is not None:

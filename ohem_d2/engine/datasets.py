@@ -42,8 +42,9 @@ def register_user_datasets(coco=(), voc=()):
             "voc" for the 20 PASCAL classes.
 
     Returns:
-        The registered names, in order. A name that is already registered, a missing file or
-        folder, or an empty class list raises :class:`DatasetRegistrationError`.
+        The names, in order. A name registered again for the same files is left as it is;
+        a name registered for other files, a missing file or folder, or an empty class list
+        raises :class:`DatasetRegistrationError`.
     """
     names = []
     for name, json_file, image_root in coco:

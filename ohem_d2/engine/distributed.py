@@ -51,6 +51,7 @@ def check_devices(
     cuda_available: bool,
     cuda_device_count: int,
     device_key: str = "MODEL.DEVICE",
+    batch_key: str = "SOLVER.IMS_PER_BATCH",
 ) -> str:
     """Refuse, before any process starts, a device set-up that would fail inside the workers.
 
@@ -60,13 +61,16 @@ def check_devices(
         world_size: processes of all machines (``--num-gpus`` x ``--num-machines``).
         ims_per_batch: SOLVER.IMS_PER_BATCH, the total batch, split evenly over world_size.
         cuda_available, cuda_device_count: what torch.cuda reports on this machine.
-        device_key: the config key of the device: "MODEL.DEVICE" (YAML, overridden as
-            ``MODEL.DEVICE cpu``) or "train.device" (LazyConfig, ``train.device=cpu``).
+        device_key, batch_key: the config keys the messages name: "MODEL.DEVICE" and
+            "SOLVER.IMS_PER_BATCH" (YAML, overridden as ``MODEL.DEVICE cpu``), or
+            "train.device" and "dataloader.train.total_batch_size" (LazyConfig,
+            ``train.device=cpu``).
 
     Returns:
-        One line saying what will run, e.g. "4 CPU processes (gloo)", for the log.
+        One line saying what will run, e.g. "2 CPU process(es) (gloo): MODEL.DEVICE cpu".
     """
-    cpu = f"{device_key}=cpu" if device_key == "train.device" else f"{device_key} cpu"
+    # LazyConfig keys are lower-case and overridden as key=value.
+    cpu = f"{device_key}=cpu" if device_key.islower() else f"{device_key} cpu"
     if device.startswith("cuda"):
         if not cuda_available:
             raise DistributedSetupError(
@@ -91,7 +95,7 @@ def check_devices(
         )
     if ims_per_batch % world_size != 0:
         raise DistributedSetupError(
-            f"SOLVER.IMS_PER_BATCH ({ims_per_batch}) must be divisible by the number of "
+            f"{batch_key} ({ims_per_batch}) must be divisible by the number of "
             f"processes ({world_size} = --num-gpus x --num-machines): each takes an equal share."
         )
     if device.startswith("cuda"):
