@@ -74,6 +74,24 @@ def add_ohem_config(cfg):
     # RoIs per chunk of the readonly pass, so its memory does not grow with the number of
     # proposals. 0 scores all RoIs of an image at once.
     _C.MODEL.ROI_HEADS.OHEM.READONLY_CHUNK_SIZE = 1024
+    # --- Beyond the paper: incomplete annotations (all off by default) ---
+    # Where datasets leave objects unlabelled, the hardest "background" RoIs are often real
+    # objects: OHEM would train on them as negatives. A background candidate is a *suspect*
+    # when the readonly pass gives some object class a probability >= SUSPECT_BG_SCORE while
+    # its IoU with every ground-truth box is < SUSPECT_BG_MAX_IOU. Its hardness (the ranking
+    # loss, not the training loss) is multiplied by SUSPECT_BG_WEIGHT: 1.0 is the paper
+    # (no change), 0.0 removes suspects from the candidates. The two thresholds also define
+    # the diagnostic "ohem/hard_bg_suspect" whatever the weight.
+    _C.MODEL.ROI_HEADS.OHEM.SUSPECT_BG_WEIGHT = 1.0
+    _C.MODEL.ROI_HEADS.OHEM.SUSPECT_BG_SCORE = 0.5
+    _C.MODEL.ROI_HEADS.OHEM.SUSPECT_BG_MAX_IOU = 0.1
+    # Trimmed ranking: after the NMS, skip the hardest TRIM_BG_FRACTION of each image's
+    # background candidates (0.0: the paper).
+    _C.MODEL.ROI_HEADS.OHEM.TRIM_BG_FRACTION = 0.0
+    # Keep this share of each image's BATCH_SIZE_PER_IMAGE for background RoIs drawn at
+    # random, as FRCN's sampler draws them (mostly easy); the rest is the hardest RoIs
+    # (0.0: the paper). floor(share * batch) RoIs.
+    _C.MODEL.ROI_HEADS.OHEM.EASY_BG_FRACTION = 0.0
     # A faster, approximate readonly pass (beyond the paper; off by default). The hard set
     # then differs slightly from the exact one (benchmarks/README.md measures how much).
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY = CN()

@@ -60,7 +60,7 @@ def _proposal_files(dataset):
     return (proposal_file(None, "trainval"),), (proposal_file(None, "test"),)
 
 
-def build_demo_cfg(dataset, method, output_dir, iters, seed, device):
+def build_demo_cfg(dataset, method, output_dir, iters, seed, device, ohem_opts=()):
     from detectron2.config import get_cfg
 
     from .config import add_ohem_config
@@ -81,6 +81,8 @@ def build_demo_cfg(dataset, method, output_dir, iters, seed, device):
     cfg.MODEL.DEVICE = device
     cfg.OUTPUT_DIR = os.path.join(output_dir, method)
     cfg.SEED = seed
+    if method == "ohem" and ohem_opts:
+        cfg.merge_from_list(list(ohem_opts))
     cfg.freeze()
     return cfg
 
@@ -163,7 +165,7 @@ def _flat_results(storage):
     return {k: v for k, (v, _) in storage.latest().items()}
 
 
-def run_one(dataset, method, output_dir, iters, seed, device):
+def run_one(dataset, method, output_dir, iters, seed, device, ohem_opts=()):
     """Train and evaluate one method in this process; write <output_dir>/<method>/summary.json."""
     import torch
     from detectron2.utils.env import seed_all_rng
@@ -172,7 +174,7 @@ def run_one(dataset, method, output_dir, iters, seed, device):
     from .engine import Trainer, register_project_datasets
     from .engine.hooks import HardExampleSnapshot, RoILossProbe, TrainingProgress
 
-    cfg = build_demo_cfg(dataset, method, output_dir, iters, seed, device)
+    cfg = build_demo_cfg(dataset, method, output_dir, iters, seed, device, ohem_opts)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     # Detectron2's full log goes to <method>/log.txt; the terminal gets a progress bar.
     setup_logger(cfg.OUTPUT_DIR, configure_stdout=False)
@@ -219,6 +221,7 @@ def run_one(dataset, method, output_dir, iters, seed, device):
         "method": method,
         "iterations": iters,
         "seed": seed,
+        "ohem_opts": list(ohem_opts) if method == "ohem" else [],
         "device": cfg.MODEL.DEVICE,
         "init_weights_sha256": init_digest,
         "voc_AP50_11point": results["voc_bbox/mAP50_11point"],
@@ -393,8 +396,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--ohem-opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides of the OHEM run only, "
+        "e.g. MODEL.ROI_HEADS.OHEM.EASY_BG_FRACTION 0.25",
+    )
     parser.add_argument("--run", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if len(args.ohem_opts) % 2:
+        parser.error("--ohem-opts takes KEY VALUE pairs")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("ohem_d2.demo")
     args.device = args.device or default_device()
@@ -410,7 +423,15 @@ def main(argv=None):
         merge_config_file(cfg, _config_path(args.dataset, "frcn"))
         args.iters = cfg.SOLVER.MAX_ITER
     if args.run:
-        run_one(args.dataset, args.run, args.output_dir, args.iters, args.seed, args.device)
+        run_one(
+            args.dataset,
+            args.run,
+            args.output_dir,
+            args.iters,
+            args.seed,
+            args.device,
+            args.ohem_opts,
+        )
         return 0
 
     start = time.time()
@@ -422,6 +443,8 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "ohem_d2.demo", "--run", method, "--dataset", args.dataset]
         cmd += ["--output-dir", args.output_dir, "--iters", str(args.iters)]
         cmd += ["--seed", str(args.seed), "--device", args.device]
+        if args.ohem_opts:
+            cmd += ["--ohem-opts", *args.ohem_opts]
         subprocess.run(cmd, check=True)
         with open(os.path.join(args.output_dir, method, "summary.json")) as f:
             summaries.append(json.load(f))
@@ -439,7 +462,9 @@ def main(argv=None):
         json.dump(summaries, f, indent=1)
     title = (
         f"{DATASETS[args.dataset]} ({cfg.DATASETS.TEST[0]}), narrow VGG16, {args.iters} "
-        f"iterations, seed {args.seed}:"
+        f"iterations, seed {args.seed}"
+        + (f", OHEM with {' '.join(args.ohem_opts)}" if args.ohem_opts else "")
+        + ":"
     )
     with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
         f.write(title + "\n\n" + table + "\n")

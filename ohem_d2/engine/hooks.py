@@ -16,8 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..modeling.ohem import per_roi_losses
 
-# BGR colours of the slide deck's figure.
+# BGR colours of the slide deck's figure; hard background that looks like an unlabelled
+# object (the miner's ``suspect_bg``) in magenta.
 GT_COLOUR, FG_COLOUR, BG_COLOUR = (0, 255, 255), (0, 0, 255), (255, 0, 0)
+SUSPECT_COLOUR = (255, 0, 255)
 
 
 def _unwrap(model):
@@ -141,14 +143,21 @@ class TrainingProgress(HookBase):
             self.bar.close()
 
 
-def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, scale=2):
-    """An BGR uint8 picture: GT yellow, hard foreground RoIs red, hard background blue."""
+def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, hard_is_suspect=None, scale=2):
+    """An BGR uint8 picture: GT yellow, hard foreground RoIs red, hard background blue, and
+    hard background the readonly pass calls an object away from any GT (suspected
+    unlabelled objects) magenta."""
     img = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
     img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    order = np.argsort(hard_is_fg, kind="stable")  # background first, foreground on top
-    for box, fg in zip(hard_boxes[order], hard_is_fg[order]):
+    if hard_is_suspect is None:
+        hard_is_suspect = np.zeros_like(hard_is_fg)
+    # Plain background first, suspects over it, foreground on top.
+    kind = np.where(hard_is_fg, 2, np.where(hard_is_suspect, 1, 0))
+    colours = (BG_COLOUR, SUSPECT_COLOUR, FG_COLOUR)
+    order = np.argsort(kind, kind="stable")
+    for box, k in zip(hard_boxes[order], kind[order]):
         x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
-        cv2.rectangle(img, (x0, y0), (x1, y1), FG_COLOUR if fg else BG_COLOUR, 1)
+        cv2.rectangle(img, (x0, y0), (x1, y1), colours[k], 1)
     for box in gt_boxes:
         x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
         cv2.rectangle(img, (x0, y0), (x1, y1), GT_COLOUR, 2)
@@ -189,14 +198,16 @@ class HardExampleSnapshot(HookBase):
             image = x["image"].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
             boxes = h.proposal_boxes.tensor.cpu().numpy()
             is_fg = (h.gt_classes < num_classes).cpu().numpy()
+            is_suspect = h.suspect_bg.cpu().numpy()
             gt = t.gt_boxes.tensor.cpu().numpy()
-            panels.append(draw_hard_examples(image, gt, boxes, is_fg))
+            panels.append(draw_hard_examples(image, gt, boxes, is_fg, is_suspect))
             record.append(
                 {
                     "file_name": x.get("file_name"),
                     "gt_boxes": gt.tolist(),
                     "hard_boxes": boxes.tolist(),
                     "hard_is_fg": is_fg.tolist(),
+                    "hard_is_suspect": is_suspect.tolist(),
                 }
             )
         height = max(p.shape[0] for p in panels)

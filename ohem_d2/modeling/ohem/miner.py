@@ -4,11 +4,14 @@ It needs no subclassing: any ROI head that labels its proposals (without subsamp
 trains a :class:`FastRCNNOutputLayers`-like predictor can call it and train on what it returns.
 """
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
+from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -28,7 +31,16 @@ class HardExampleMiner:
     Logs ``ohem/num_candidates``, ``ohem/num_after_nms`` (means per image),
     ``ohem/fg_fraction`` (of the hard set), ``ohem/mean_loss_all`` and ``ohem/mean_loss_hard``
     (readonly losses, mean per RoI) to the current EventStorage; the keys are relative, so a
-    caller's ``storage.name_scope`` prefixes them.
+    caller's ``storage.name_scope`` prefixes them. What it mined: ``ohem/hard_set/<class>``
+    (share of each class and of "background" in the hard set), ``ohem/hard_bg_iou/<bin>``
+    (share of the hard background whose IoU with the nearest ground truth is 0, in (0, 0.1),
+    [0.1, 0.3), [0.3, 0.5) or higher), ``ohem/hard_bg_suspect`` (share of the hard background
+    that looks like an unlabelled object, see ``suspect_bg_*``) and
+    ``ohem/num_suspect_candidates`` (mean per image). The hard Instances carry a bool field
+    ``suspect_bg``.
+
+    Beyond the paper, three protections against unlabelled objects (all off by default):
+    ``suspect_bg_weight``, ``trim_bg_fraction`` and ``easy_bg_fraction``.
     """
 
     @configurable
@@ -43,6 +55,12 @@ class HardExampleMiner:
         readonly_train_mode: bool = True,
         readonly_chunk_size: int = 1024,
         readonly_approximation: Approximation | None = None,
+        suspect_bg_weight: float = 1.0,
+        suspect_bg_score: float = 0.5,
+        suspect_bg_max_iou: float = 0.1,
+        trim_bg_fraction: float = 0.0,
+        easy_bg_fraction: float = 0.0,
+        class_names: Sequence[str] | None = None,
     ):
         """
         Args:
@@ -53,15 +71,37 @@ class HardExampleMiner:
                 RoIs in (0, 1].
             hardness, readonly_train_mode, readonly_chunk_size, readonly_approximation: see
                 :class:`ReadonlyScorer` (``approximation``).
+            suspect_bg_weight: multiplies the hardness of suspect background candidates
+                (readonly probability of some object class >= ``suspect_bg_score``, IoU with
+                every ground truth < ``suspect_bg_max_iou``); 1: the paper, 0: excluded.
+            trim_bg_fraction, easy_bg_fraction: see :func:`select_hard_examples`
+                (``num_easy_bg = floor(easy_bg_fraction * batch_size_per_image)``); 0: the paper.
+            class_names: names of the K classes for the ``ohem/hard_set/`` keys (default
+                "class<k>").
         """
-        if batch_size_per_image <= 0:
-            raise ValueError(f"batch_size_per_image must be > 0, got {batch_size_per_image}")
-        if not (positive_fraction == -1 or 0 < positive_fraction <= 1):
-            raise ValueError(f"positive_fraction must be -1 or in (0, 1], got {positive_fraction}")
+        problems = option_problems(
+            {
+                "batch_size_per_image": batch_size_per_image,
+                "positive_fraction": positive_fraction,
+                "suspect_bg_weight": suspect_bg_weight,
+                "suspect_bg_score": suspect_bg_score,
+                "suspect_bg_max_iou": suspect_bg_max_iou,
+                "trim_bg_fraction": trim_bg_fraction,
+                "easy_bg_fraction": easy_bg_fraction,
+            }
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         self.batch_size_per_image = batch_size_per_image
         self.nms_thresh = nms_thresh
         self.nms_per_label = nms_per_label
         self.positive_fraction = positive_fraction
+        self.suspect_bg_weight = suspect_bg_weight
+        self.suspect_bg_score = suspect_bg_score
+        self.suspect_bg_max_iou = suspect_bg_max_iou
+        self.trim_bg_fraction = trim_bg_fraction
+        self.num_easy_bg = math.floor(easy_bg_fraction * batch_size_per_image)
+        self.class_names = list(class_names) if class_names is not None else None
         self.scorer = ReadonlyScorer(
             hardness=hardness,
             train_mode=readonly_train_mode,
@@ -87,6 +127,12 @@ class HardExampleMiner:
                 refresh_period=ohem.FAST_READONLY.REFRESH_PERIOD,
                 num_layers=ohem.FAST_READONLY.NUM_LAYERS,
             ),
+            "suspect_bg_weight": ohem.SUSPECT_BG_WEIGHT,
+            "suspect_bg_score": ohem.SUSPECT_BG_SCORE,
+            "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
+            "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
+            "easy_bg_fraction": ohem.EASY_BG_FRACTION,
+            "class_names": _train_class_names(cfg),
         }
 
     def __call__(
@@ -133,28 +179,103 @@ class HardExampleMiner:
         """
         losses = self.scorer.losses(box_predictor, predictions, proposals)
         background = box_predictor.num_classes
-        kept = self.hard_indices(losses, proposals, background)
-        hard = [props[keep] for props, (keep, _) in zip(proposals, kept)]
+        suspects = self.suspect_background(proposals, predictions, box_predictor)
+        ranking_losses, ranking_labels = self.ranking(losses, suspects, proposals)
+        kept = self.hard_indices(ranking_losses, proposals, background, ranking_labels)
+        hard = []
+        for props, suspect, (keep, _) in zip(proposals, suspects, kept):
+            hard.append(props[keep])
+            hard[-1].suspect_bg = suspect[keep]
         hard_losses = [loss[keep] for loss, (keep, _) in zip(losses, kept)]
         num_after_nms = [n_nms for _, n_nms in kept]
         _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
+        _log_hard_set_makeup(hard, suspects, background, self.class_names)
         return hard
 
-    def hard_indices(self, losses, proposals, background_label):
-        """Per image, (indices of the hard RoIs, hardest first; number left after NMS)."""
+    def suspect_background(self, proposals, predictions, box_predictor) -> list[torch.Tensor]:
+        """Per image, (Ri,) bool: the background candidates that look like unlabelled objects.
+
+        A suspect is labelled background, has IoU < ``suspect_bg_max_iou`` with every
+        ground-truth box, and the readonly pass gives some object class a probability
+        >= ``suspect_bg_score``.
+        """
+        background = box_predictor.num_classes
+        probs = box_predictor.predict_probs(predictions, proposals)
+        suspects = []
+        for props, prob in zip(proposals, probs):
+            object_prob = prob[:, :background].max(dim=1).values
+            suspects.append(
+                (props.gt_classes == background)
+                & (nearest_gt_iou(props) < self.suspect_bg_max_iou)
+                & (object_prob >= self.suspect_bg_score)
+            )
+        return suspects
+
+    def ranking(self, losses, suspects, proposals):
+        """The hardness and the candidate labels that the selection ranks by: the readonly
+        losses, with suspects down-weighted (or labelled -1, never candidates, at weight 0)."""
+        labels = [p.gt_classes for p in proposals]
+        if self.suspect_bg_weight == 1:
+            return losses, labels
+        if self.suspect_bg_weight == 0:
+            return losses, [torch.where(s, -1, lab) for s, lab in zip(suspects, labels)]
+        weighted = [
+            torch.where(s, loss * self.suspect_bg_weight, loss) for s, loss in zip(suspects, losses)
+        ]
+        return weighted, labels
+
+    def hard_indices(self, losses, proposals, background_label, labels=None):
+        """Per image, (indices of the hard RoIs, hardest first; number left after NMS).
+
+        Args:
+            losses: per image, (Ri,) hardness.
+            proposals: the labelled proposals (their boxes; their ``gt_classes`` unless
+                ``labels`` is given).
+            background_label: K.
+            labels: per image, (Ri,) candidate labels in [0, K] or -1 (never a candidate).
+        """
+        if labels is None:
+            labels = [p.gt_classes for p in proposals]
         return [
             select_hard_examples(
                 loss,
                 props.proposal_boxes.tensor,
-                props.gt_classes,
+                label,
                 batch_size=self.batch_size_per_image,
                 nms_thresh=self.nms_thresh,
                 nms_per_label=self.nms_per_label,
                 background_label=background_label,
                 positive_fraction=self.positive_fraction,
+                trim_bg_fraction=self.trim_bg_fraction,
+                num_easy_bg=self.num_easy_bg,
             )
-            for props, loss in zip(proposals, losses)
+            for props, loss, label in zip(proposals, losses, labels)
         ]
+
+
+# The one range of each of the miner's numeric settings, checked when the miner is built
+# and, under the config keys' names, by check_ohem_config.
+_RANGES = {
+    "batch_size_per_image": (lambda v: v > 0, "> 0"),
+    "positive_fraction": (lambda v: v == -1 or 0 < v <= 1, "-1 or in (0, 1]"),
+    "suspect_bg_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "suspect_bg_score": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "suspect_bg_max_iou": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "trim_bg_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "easy_bg_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def option_problems(values, key_of=None) -> list[str]:
+    """The out-of-range ones among ``values`` (setting name -> value), one message each;
+    ``key_of`` maps a setting's name to its config key, named before it."""
+    problems = []
+    for name, value in values.items():
+        in_range, wanted = _RANGES[name]
+        if not in_range(value):
+            label = f"{key_of(name)} ({name})" if key_of else name
+            problems.append(f"{label} must be {wanted}, got {value}")
+    return problems
 
 
 def check_ohem_config(cfg) -> None:
@@ -162,21 +283,26 @@ def check_ohem_config(cfg) -> None:
     require_ohem_config(cfg, "MODEL.ROI_HEADS.OHEM")
     ohem = cfg.MODEL.ROI_HEADS.OHEM
     key = "MODEL.ROI_HEADS.OHEM."
-    problems = []
-    if cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE <= 0:
-        problems.append(
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE (hard RoIs per image) must be > 0, got "
-            f"{cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE}"
-        )
+    problems = option_problems(
+        {
+            "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+            "positive_fraction": ohem.POSITIVE_FRACTION,
+            "suspect_bg_weight": ohem.SUSPECT_BG_WEIGHT,
+            "suspect_bg_score": ohem.SUSPECT_BG_SCORE,
+            "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
+            "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
+            "easy_bg_fraction": ohem.EASY_BG_FRACTION,
+        },
+        key_of=lambda name: (
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"
+            if name == "batch_size_per_image"
+            else key + name.upper()
+        ),
+    )
     if ohem.HARDNESS not in HARDNESS_CHOICES:
         problems.append(f"{key}HARDNESS must be one of {HARDNESS_CHOICES}, got {ohem.HARDNESS!r}")
     if not ohem.NMS_THRESH >= 0:
         problems.append(f"{key}NMS_THRESH must be >= 0 (>= 1 turns NMS off), got {ohem.NMS_THRESH}")
-    if not (ohem.POSITIVE_FRACTION == -1 or 0 < ohem.POSITIVE_FRACTION <= 1):
-        problems.append(
-            f"{key}POSITIVE_FRACTION (positive_fraction) must be -1 or in (0, 1], got "
-            f"{ohem.POSITIVE_FRACTION}"
-        )
     if ohem.READONLY_CHUNK_SIZE < 0:
         problems.append(f"{key}READONLY_CHUNK_SIZE must be >= 0, got {ohem.READONLY_CHUNK_SIZE}")
     fast = ohem.FAST_READONLY
@@ -213,3 +339,53 @@ def _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, backg
 
 def _mean(values: torch.Tensor) -> float:
     return float(values.mean()) if values.numel() else 0.0
+
+
+def nearest_gt_iou(proposals: Instances) -> torch.Tensor:
+    """(R,) IoU of each labelled RoI with its nearest ground-truth box (0 without any).
+
+    Detectron2's labelling gives every RoI, background too, the ground truth of its highest
+    IoU as ``gt_boxes``.
+    """
+    if not proposals.has("gt_boxes"):
+        return proposals.proposal_boxes.tensor.new_zeros(len(proposals))
+    return matched_pairwise_iou(proposals.proposal_boxes, proposals.gt_boxes)
+
+
+def _train_class_names(cfg):
+    names = cfg.DATASETS.TRAIN
+    return MetadataCatalog.get(names[0]).get("thing_classes") if names else None
+
+
+# The hard background's IoU with its nearest ground truth falls in one of these bins: exactly
+# 0, then [low, high) (the first open at 0). Cascade stages past the first have background
+# up to their own foreground threshold, hence the last bin.
+IOU_BIN_EDGES = (0.1, 0.3, 0.5)
+IOU_BIN_NAMES = ("0", "(0,0.1)", "[0.1,0.3)", "[0.3,0.5)", ">=0.5")
+
+
+def iou_bin(ious: torch.Tensor) -> torch.Tensor:
+    """(R,) index into IOU_BIN_NAMES of each IoU."""
+    edges = torch.tensor(IOU_BIN_EDGES, dtype=ious.dtype, device=ious.device)
+    return torch.where(ious > 0, torch.bucketize(ious, edges, right=True) + 1, 0)
+
+
+@torch.no_grad()
+def _log_hard_set_makeup(hard, suspects, background, class_names) -> None:
+    storage = get_event_storage()
+    labels = torch.cat([h.gt_classes for h in hard])
+    total = max(labels.numel(), 1)
+    names = class_names or [f"class{k}" for k in range(background)]
+    for k, name in enumerate(list(names) + ["background"]):
+        storage.put_scalar(f"ohem/hard_set/{name}", int((labels == k).sum()) / total)
+    is_bg = labels == background
+    num_bg = max(int(is_bg.sum()), 1)
+    bins = iou_bin(torch.cat([nearest_gt_iou(h) for h in hard])[is_bg])
+    for k, name in enumerate(IOU_BIN_NAMES):
+        storage.put_scalar(f"ohem/hard_bg_iou/{name}", int((bins == k).sum()) / num_bg)
+    storage.put_scalar(
+        "ohem/hard_bg_suspect", int(torch.cat([h.suspect_bg for h in hard]).sum()) / num_bg
+    )
+    storage.put_scalar(
+        "ohem/num_suspect_candidates", sum(int(s.sum()) for s in suspects) / len(hard)
+    )

@@ -27,6 +27,8 @@ def select_hard_examples(
     nms_per_label: bool,
     background_label: int,
     positive_fraction: float = -1.0,
+    trim_bg_fraction: float = 0.0,
+    num_easy_bg: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """Select the hard RoIs of one image, as the authors' hard-RoI sampler does.
 
@@ -46,15 +48,27 @@ def select_hard_examples(
         positive_fraction: -1 (or <= 0): pure OHEM, no class ratio. In (0, 1]: at most
             ``floor(batch_size * positive_fraction)`` foreground RoIs (the hardest), the rest
             filled with the hardest background RoIs, as mmdetection's OHEM sampler does.
+        trim_bg_fraction: beyond the paper (0: off). After the NMS, the hardest
+            ``floor(trim_bg_fraction * n)`` of the n surviving background candidates are
+            skipped: the very hardest "negatives" are the likeliest unlabelled objects.
+        num_easy_bg: beyond the paper (0: off). Only ``batch_size - num_easy_bg`` RoIs are
+            chosen by hardness; up to ``num_easy_bg`` more are drawn uniformly at random (torch's
+            global RNG) from the background candidates neither chosen nor trimmed, before
+            the NMS, as FRCN's sampler draws its background.
 
     Returns:
-        keep: (B',) int64 indices into the R RoIs, hardest first, B' <= batch_size.
+        keep: (B',) int64 indices into the R RoIs, hardest first (then the random easy
+            background), B' <= batch_size.
         num_after_nms: number of candidates that survive the NMS (before the top-B cut).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if positive_fraction > 1.0:
         raise ValueError(f"positive_fraction must be -1 or in (0, 1], got {positive_fraction}")
+    if not 0 <= num_easy_bg < batch_size:
+        raise ValueError(f"num_easy_bg must be in [0, batch_size), got {num_easy_bg}")
+    if not 0 <= trim_bg_fraction < 1:
+        raise ValueError(f"trim_bg_fraction must be in [0, 1), got {trim_bg_fraction}")
 
     candidates = torch.nonzero(labels >= 0).squeeze(1)
     if candidates.numel() == 0:
@@ -78,13 +92,38 @@ def select_hard_examples(
         cand_labels = cand_labels[survivors]
     num_after_nms = int(candidates.numel())
 
-    if positive_fraction <= 0:
-        return candidates[:batch_size], num_after_nms
+    trimmed = candidates[:0]
+    if trim_bg_fraction > 0:
+        bg_rank = torch.nonzero(cand_labels == background_label).squeeze(1)
+        num_trim = math.floor(trim_bg_fraction * bg_rank.numel())
+        if num_trim:
+            kept = torch.ones_like(cand_labels, dtype=torch.bool)
+            kept[bg_rank[:num_trim]] = False
+            trimmed = candidates[~kept]
+            candidates, cand_labels = candidates[kept], cand_labels[kept]
 
-    is_fg = cand_labels != background_label
-    max_fg = math.floor(batch_size * positive_fraction)
-    fg_rank = torch.nonzero(is_fg).squeeze(1)[:max_fg]
-    bg_rank = torch.nonzero(~is_fg).squeeze(1)[: batch_size - fg_rank.numel()]
-    # Merge the two lists back into hardest-first order.
-    ranks = torch.sort(torch.cat([fg_rank, bg_rank])).values
-    return candidates[ranks], num_after_nms
+    num_hard = batch_size - num_easy_bg
+    if positive_fraction <= 0:
+        hard = candidates[:num_hard]
+    else:
+        is_fg = cand_labels != background_label
+        max_fg = min(math.floor(batch_size * positive_fraction), num_hard)
+        fg_rank = torch.nonzero(is_fg).squeeze(1)[:max_fg]
+        bg_rank = torch.nonzero(~is_fg).squeeze(1)[: num_hard - fg_rank.numel()]
+        # Merge the two lists back into hardest-first order.
+        hard = candidates[torch.sort(torch.cat([fg_rank, bg_rank])).values]
+    if num_easy_bg == 0:
+        return hard, num_after_nms
+    return torch.cat(
+        [hard, _easy_background(labels, background_label, hard, trimmed, num_easy_bg)]
+    ), num_after_nms
+
+
+def _easy_background(labels, background_label, hard, trimmed, count):
+    """Up to `count` background RoIs drawn uniformly, without replacement, from those not in
+    `hard` or `trimmed` (index tensors into `labels`)."""
+    pool = labels == background_label
+    pool[hard] = False
+    pool[trimmed] = False
+    pool = torch.nonzero(pool).squeeze(1)
+    return pool[torch.randperm(pool.numel(), device=pool.device)[:count]]
