@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+
+from ..fileio import write_atomic
 
 __all__ = ["CheckpointMismatchError", "SafeDetectionCheckpointer", "UnsafeCheckpointError"]
 
@@ -98,14 +99,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _write_atomic(save_file, lambda f: torch.save(data, f))
+        write_atomic(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if "://" in self.save_dir:
             return super().tag_last_checkpoint(last_filename_basename)
         path = os.path.join(self.save_dir, "last_checkpoint")
-        _write_atomic(path, lambda f: f.write(last_filename_basename.encode()))
+        write_atomic(path, lambda f: f.write(last_filename_basename.encode()))
 
     def _load_file(self, filename):
         self._loading = filename
@@ -148,24 +149,3 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 "dataset), save a copy without these keys and load that."
             )
         return incompatible
-
-
-def _write_atomic(path: str, write) -> None:
-    """Call `write(f)` on a temporary file next to `path`, then rename it to `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
