@@ -108,6 +108,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, "last_checkpoint")
         write_atomic(path, lambda f: f.write(last_filename_basename.encode()))
 
+    # Loading goes through three hooks of DetectionCheckpointer.load:
+    # - _load_file (the one fvcore documents as overridable) reads .pkl files here;
+    # - _torch_load, which Detectron2's _load_file calls for every other file but .pyth;
+    # - _load_model, whose result fvcore's load() would only log.
+    # The last two are private: tests/test_upstream_seams.py fails if load() stops calling
+    # them (a code-running .pth loads, or a wrong shape is skipped with a warning).
+
     def _load_file(self, filename):
         self._loading = filename
         if filename.endswith(".pkl"):
@@ -129,23 +136,29 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
         if incompatible.incorrect_shapes:
-            key, shape_checkpoint, shape_model = incompatible.incorrect_shapes[0]
-            others = [k for k, _, _ in incompatible.incorrect_shapes[1:]]
-            hint = ""
-            if "box_predictor" in key:
-                hint = (
-                    " The box predictor's shapes follow MODEL.ROI_HEADS.NUM_CLASSES (cls_score "
-                    "has NUM_CLASSES + 1 rows): the checkpoint was trained for another number "
-                    "of classes than the config says."
-                )
-            raise CheckpointMismatchError(
-                f"Checkpoint {self._loading!r} does not fit the model built from the config: "
-                f"{key!r} has shape {tuple(shape_checkpoint)} in the checkpoint but "
-                f"{tuple(shape_model)} in the model"
-                + (f" (and {len(others)} more key(s): {others})" if others else "")
-                + "."
-                + hint
-                + " To start from such a checkpoint on purpose (e.g. fine-tuning on another "
-                "dataset), save a copy without these keys and load that."
-            )
+            raise _mismatch_error(self._loading, incompatible.incorrect_shapes)
         return incompatible
+
+
+def _mismatch_error(path: str, incorrect_shapes) -> CheckpointMismatchError:
+    """The error for the (key, shape in checkpoint, shape in model) triples of fvcore's
+    ``incorrect_shapes``, naming `path`, the first key and both of its shapes."""
+    key, shape_checkpoint, shape_model = incorrect_shapes[0]
+    others = [k for k, _, _ in incorrect_shapes[1:]]
+    hint = ""
+    if "box_predictor" in key:
+        hint = (
+            " The box predictor's shapes follow MODEL.ROI_HEADS.NUM_CLASSES (cls_score "
+            "has NUM_CLASSES + 1 rows): the checkpoint was trained for another number "
+            "of classes than the config says."
+        )
+    return CheckpointMismatchError(
+        f"Checkpoint {path!r} does not fit the model built from the config: "
+        f"{key!r} has shape {tuple(shape_checkpoint)} in the checkpoint but "
+        f"{tuple(shape_model)} in the model"
+        + (f" (and {len(others)} more key(s): {others})" if others else "")
+        + "."
+        + hint
+        + " To start from such a checkpoint on purpose (e.g. fine-tuning on another "
+        "dataset), save a copy without these keys and load that."
+    )

@@ -26,17 +26,22 @@ def ddp_device_ids(model):
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        # Same construction as DefaultTrainer.__init__, except the DDP wrapper's device ids.
+        # DefaultTrainer.__init__ with the two changes it offers no seam for: the DDP
+        # wrapper's device ids (create_ddp_model's default [local_rank] fails for a CPU
+        # model) and the checkpointer's class. tests/test_upstream_seams.py compares the two
+        # bodies step by step: it fails when Detectron2's changes.
         TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(model))
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SafeDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
