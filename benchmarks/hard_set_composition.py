@@ -23,6 +23,7 @@ from ohem_d2.demo import _probe_inputs, build_demo_cfg  # noqa: E402
 from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from ohem_d2.engine.hooks import label_all_rois  # noqa: E402
+from ohem_d2.modeling.ohem import readonly_head  # noqa: E402
 
 
 def main():
@@ -57,7 +58,7 @@ def main():
             model.eval()
             gt_boxes = [t.gt_boxes[t.gt_classes == 2] for t in targets]
             feats = [features[f] for f in head.in_features]
-            scores = head.box_predictor(head.box_head(head.box_pooler(feats, gt_boxes)))[0]
+            scores = readonly_head(head)(feats, gt_boxes)[0]
             called[method] = collections.Counter(scores.argmax(1).tolist())
             model.train()
         for key, sets in (("all RoIs", everything), (method, trained)):

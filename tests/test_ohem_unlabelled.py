@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from test_ohem_roi_heads import HEADS, _batch, _build, _cfg, _train_step
 
 from ohem_d2.modeling.ohem import HardExampleMiner, select_hard_examples
-from ohem_d2.modeling.ohem.miner import IOU_BIN_NAMES, iou_bin
+from ohem_d2.modeling.ohem.diagnostics import IOU_BIN_NAMES, iou_bin
 
 # One 200 x 200 image, K = 2 classes (background label 2), one ground truth of class 0.
 GT = [0.0, 0.0, 40.0, 40.0]

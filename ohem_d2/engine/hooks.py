@@ -8,13 +8,10 @@ import cv2
 import numpy as np
 import torch
 from detectron2.engine import HookBase
-from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
-from detectron2.structures import pairwise_iou
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
-from ..modeling.ohem import per_roi_losses
+from ..modeling.ohem import ProposalLabeller, per_roi_losses, readonly_head
 
 # BGR colours of the slide deck's figure; hard background that looks like an unlabelled
 # object (the miner's ``suspect_bg``) in magenta.
@@ -26,20 +23,10 @@ def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-@torch.no_grad()
-def label_all_rois(proposals, targets, num_classes, iou_threshold=0.5):
-    """Label every proposal plus the GT boxes as the paper defines it for OHEM: foreground
-    (the matched GT class) at IoU >= `iou_threshold`, background (`num_classes`) below."""
-    proposals = add_ground_truth_to_proposals(targets, proposals)
-    matcher = Matcher([iou_threshold], [0, 1], allow_low_quality_matches=False)
-    for props, gt in zip(proposals, targets):
-        if len(gt) == 0:
-            props.gt_classes = torch.full((len(props),), num_classes, dtype=torch.int64)
-            continue
-        idx, fg = matcher(pairwise_iou(gt.gt_boxes, props.proposal_boxes))
-        props.gt_classes = torch.where(fg == 1, gt.gt_classes[idx], num_classes)
-        props.gt_boxes = gt.gt_boxes[idx]
-    return proposals
+def label_all_rois(proposals, targets, num_classes):
+    """Every proposal plus the GT boxes labelled as the paper defines it for OHEM: foreground
+    (the matched GT class) at IoU >= 0.5, background (`num_classes`) below."""
+    return ProposalLabeller(num_classes)(proposals, targets)
 
 
 class RoILossProbe(HookBase):
@@ -73,10 +60,10 @@ class RoILossProbe(HookBase):
                 targets = [x["instances"].to(model.device) for x in self.inputs]
                 head = model.roi_heads
                 labeled = label_all_rois(proposals, targets, head.num_classes)
+                network = readonly_head(head)
                 feats = [features[f] for f in head.in_features]
-                pooled = head.box_pooler(feats, [p.proposal_boxes for p in labeled])
-                predictions = head.box_predictor(head.box_head(pooled))
-                losses = per_roi_losses(head.box_predictor, predictions, labeled)
+                predictions = network(feats, [p.proposal_boxes for p in labeled])
+                losses = per_roi_losses(network.predictor, predictions, labeled)
                 is_fg = torch.cat([p.gt_classes < head.num_classes for p in labeled])
                 return losses, is_fg
         finally:

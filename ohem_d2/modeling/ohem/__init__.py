@@ -5,8 +5,10 @@ Importing this package registers ``OHEMROIHeads``, ``OHEMRes5ROIHeads`` and
 """
 
 from .fast_readonly import LowRankReadonly, build_readonly_approximation
+from .labelling import ProposalLabeller, label_without_sampling
 from .miner import HardExampleMiner
 from .mining import select_hard_examples
+from .readonly_head import ReadonlyHead, readonly_head
 from .roi_heads import OHEMCascadeROIHeads, OHEMHeadMixin, OHEMRes5ROIHeads, OHEMROIHeads
 from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_losses, readonly_mode
 
@@ -17,10 +19,14 @@ __all__ = [
     "OHEMHeadMixin",
     "OHEMROIHeads",
     "OHEMRes5ROIHeads",
+    "ProposalLabeller",
+    "ReadonlyHead",
     "ReadonlyScorer",
     "build_readonly_approximation",
     "check_box_predictor_supported",
+    "label_without_sampling",
     "per_roi_losses",
+    "readonly_head",
     "readonly_mode",
     "select_hard_examples",
 ]

@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FAST_READONLY_MODES", "LowRankReadonly", "build_readonly_approximation"]
+from .settings import FAST_READONLY_MODES, check_settings
 
-FAST_READONLY_MODES = ("", "lowrank")
+__all__ = ["FAST_READONLY_MODES", "LowRankReadonly", "build_readonly_approximation"]
 
 
 class _LowRankLinear:
@@ -117,12 +117,7 @@ class LowRankReadonly:
     """
 
     def __init__(self, *, rank: int, refresh_period: int, num_layers: int = 1):
-        if num_layers < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        if rank <= 0:
-            raise ValueError(f"rank must be > 0, got {rank}")
-        if refresh_period <= 0:
-            raise ValueError(f"refresh_period must be > 0, got {refresh_period}")
+        check_settings(rank=rank, refresh_period=refresh_period, num_layers=num_layers)
         self.rank = rank
         self.refresh_period = refresh_period
         self.num_layers = num_layers
@@ -178,8 +173,7 @@ class LowRankReadonly:
 
 def build_readonly_approximation(mode: str, *, rank: int, refresh_period: int, num_layers: int = 1):
     """The approximation of MODEL.ROI_HEADS.OHEM.FAST_READONLY, or None for the exact pass."""
-    if mode not in FAST_READONLY_MODES:
-        raise ValueError(f"FAST_READONLY.MODE must be one of {FAST_READONLY_MODES}, got '{mode}'")
+    check_settings(fast_readonly_mode=mode)
     if mode == "lowrank":
         return LowRankReadonly(rank=rank, refresh_period=refresh_period, num_layers=num_layers)
     return None

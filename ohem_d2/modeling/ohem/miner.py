@@ -5,20 +5,20 @@ trains a :class:`FastRCNNOutputLayers`-like predictor can call it and train on w
 """
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
-from detectron2.structures.boxes import matched_pairwise_iou
-from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ...config import require_ohem_config
-from .fast_readonly import FAST_READONLY_MODES, build_readonly_approximation
+from .diagnostics import log_mining, nearest_gt_iou
+from .fast_readonly import build_readonly_approximation
 from .mining import select_hard_examples
-from .scoring import HARDNESS_CHOICES, Approximation, BoxForward, Predictions, ReadonlyScorer
+from .readonly_head import ReadonlyHead
+from .scoring import Approximation, Predictions, ReadonlyScorer
+from .settings import check_ohem_config, check_settings
 
 __all__ = ["HardExampleMiner", "check_ohem_config"]
 
@@ -28,16 +28,16 @@ class HardExampleMiner:
 
     Per image: the loss of every labelled RoI under the current weights (readonly pass, no
     autograd), NMS with the loss as score, then the ``batch_size_per_image`` hardest RoIs.
-    Logs ``ohem/num_candidates``, ``ohem/num_after_nms`` (means per image),
-    ``ohem/fg_fraction`` (of the hard set), ``ohem/mean_loss_all`` and ``ohem/mean_loss_hard``
-    (readonly losses, mean per RoI) to the current EventStorage; the keys are relative, so a
-    caller's ``storage.name_scope`` prefixes them. What it mined: ``ohem/hard_set/<class>``
-    (share of each class and of "background" in the hard set), ``ohem/hard_bg_iou/<bin>``
-    (share of the hard background whose IoU with the nearest ground truth is 0, in (0, 0.1),
-    [0.1, 0.3), [0.3, 0.5) or higher), ``ohem/hard_bg_suspect`` (share of the hard background
-    that looks like an unlabelled object, see ``suspect_bg_*``) and
-    ``ohem/num_suspect_candidates`` (mean per image). The hard Instances carry a bool field
-    ``suspect_bg``.
+    Logs to the current EventStorage (:mod:`.diagnostics`; keys relative, so a caller's
+    ``storage.name_scope`` prefixes them): ``ohem/num_candidates``, ``ohem/num_after_nms``
+    (means per image), ``ohem/fg_fraction`` (of the hard set), ``ohem/mean_loss_all`` and
+    ``ohem/mean_loss_hard`` (readonly losses, mean per RoI); and what it mined:
+    ``ohem/hard_set/<class>`` (share of each class and of "background" in the hard set),
+    ``ohem/hard_bg_iou/<bin>`` (share of the hard background whose IoU with the nearest
+    ground truth is 0, in (0, 0.1), [0.1, 0.3), [0.3, 0.5) or higher), ``ohem/hard_bg_suspect``
+    (share of the hard background that looks like an unlabelled object, see
+    ``suspect_bg_*``) and ``ohem/num_suspect_candidates`` (mean per image). The hard
+    Instances carry a bool field ``suspect_bg``.
 
     Beyond the paper, three protections against unlabelled objects (all off by default):
     ``suspect_bg_weight``, ``trim_bg_fraction`` and ``easy_bg_fraction``.
@@ -79,19 +79,16 @@ class HardExampleMiner:
             class_names: names of the K classes for the ``ohem/hard_set/`` keys (default
                 "class<k>").
         """
-        problems = option_problems(
-            {
-                "batch_size_per_image": batch_size_per_image,
-                "positive_fraction": positive_fraction,
-                "suspect_bg_weight": suspect_bg_weight,
-                "suspect_bg_score": suspect_bg_score,
-                "suspect_bg_max_iou": suspect_bg_max_iou,
-                "trim_bg_fraction": trim_bg_fraction,
-                "easy_bg_fraction": easy_bg_fraction,
-            }
+        check_settings(
+            batch_size_per_image=batch_size_per_image,
+            nms_thresh=nms_thresh,
+            positive_fraction=positive_fraction,
+            suspect_bg_weight=suspect_bg_weight,
+            suspect_bg_score=suspect_bg_score,
+            suspect_bg_max_iou=suspect_bg_max_iou,
+            trim_bg_fraction=trim_bg_fraction,
+            easy_bg_fraction=easy_bg_fraction,
         )
-        if problems:
-            raise ValueError("; ".join(problems))
         self.batch_size_per_image = batch_size_per_image
         self.nms_thresh = nms_thresh
         self.nms_per_label = nms_per_label
@@ -136,13 +133,7 @@ class HardExampleMiner:
         }
 
     def __call__(
-        self,
-        features: Sequence[torch.Tensor],
-        proposals: Sequence[Instances],
-        *,
-        box_forward: BoxForward,
-        box_predictor: nn.Module,
-        readonly_modules: Iterable[nn.Module],
+        self, features: Sequence[torch.Tensor], proposals: Sequence[Instances], head: ReadonlyHead
     ) -> tuple[list[Instances], Predictions]:
         """Mine the hard RoIs of a batch.
 
@@ -151,7 +142,7 @@ class HardExampleMiner:
             proposals: N Instances, every RoI labelled (fields ``proposal_boxes``,
                 ``gt_classes`` in [0, K] or -1, and ``gt_boxes`` when the image has ground
                 truth), not subsampled.
-            box_forward, box_predictor, readonly_modules: see :class:`ReadonlyScorer`.
+            head: the RoI network that scores them (see :func:`readonly_head`).
 
         Returns:
             hard: N Instances, the hard subsets of ``proposals`` (hardest first), with all
@@ -160,9 +151,9 @@ class HardExampleMiner:
                 (e.g. to refine the boxes of the next cascade stage).
         """
         predictions = self.scorer.predict(
-            features, proposals, box_forward=box_forward, readonly_modules=readonly_modules
+            features, proposals, box_forward=head, readonly_modules=head.modules
         )
-        return self.select(proposals, predictions, box_predictor), predictions
+        return self.select(proposals, predictions, head.predictor), predictions
 
     def select(
         self, proposals: Sequence[Instances], predictions: Predictions, box_predictor: nn.Module
@@ -188,8 +179,10 @@ class HardExampleMiner:
             hard[-1].suspect_bg = suspect[keep]
         hard_losses = [loss[keep] for loss, (keep, _) in zip(losses, kept)]
         num_after_nms = [n_nms for _, n_nms in kept]
-        _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background)
-        _log_hard_set_makeup(hard, suspects, background, self.class_names)
+        log_mining(
+            proposals, losses, hard, hard_losses, num_after_nms, suspects, background,
+            self.class_names,
+        )  # fmt: skip
         return hard
 
     def suspect_background(self, proposals, predictions, box_predictor) -> list[torch.Tensor]:
@@ -253,139 +246,6 @@ class HardExampleMiner:
         ]
 
 
-# The one range of each of the miner's numeric settings, checked when the miner is built
-# and, under the config keys' names, by check_ohem_config.
-_RANGES = {
-    "batch_size_per_image": (lambda v: v > 0, "> 0"),
-    "positive_fraction": (lambda v: v == -1 or 0 < v <= 1, "-1 or in (0, 1]"),
-    "suspect_bg_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "suspect_bg_score": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "suspect_bg_max_iou": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "trim_bg_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "easy_bg_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-}
-
-
-def option_problems(values, key_of=None) -> list[str]:
-    """The out-of-range ones among ``values`` (setting name -> value), one message each;
-    ``key_of`` maps a setting's name to its config key, named before it."""
-    problems = []
-    for name, value in values.items():
-        in_range, wanted = _RANGES[name]
-        if not in_range(value):
-            label = f"{key_of(name)} ({name})" if key_of else name
-            problems.append(f"{label} must be {wanted}, got {value}")
-    return problems
-
-
-def check_ohem_config(cfg) -> None:
-    """Raise ValueError naming the config key if an OHEM setting is out of its range."""
-    require_ohem_config(cfg, "MODEL.ROI_HEADS.OHEM")
-    ohem = cfg.MODEL.ROI_HEADS.OHEM
-    key = "MODEL.ROI_HEADS.OHEM."
-    problems = option_problems(
-        {
-            "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
-            "positive_fraction": ohem.POSITIVE_FRACTION,
-            "suspect_bg_weight": ohem.SUSPECT_BG_WEIGHT,
-            "suspect_bg_score": ohem.SUSPECT_BG_SCORE,
-            "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
-            "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
-            "easy_bg_fraction": ohem.EASY_BG_FRACTION,
-        },
-        key_of=lambda name: (
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"
-            if name == "batch_size_per_image"
-            else key + name.upper()
-        ),
-    )
-    if ohem.HARDNESS not in HARDNESS_CHOICES:
-        problems.append(f"{key}HARDNESS must be one of {HARDNESS_CHOICES}, got {ohem.HARDNESS!r}")
-    if not ohem.NMS_THRESH >= 0:
-        problems.append(f"{key}NMS_THRESH must be >= 0 (>= 1 turns NMS off), got {ohem.NMS_THRESH}")
-    if ohem.READONLY_CHUNK_SIZE < 0:
-        problems.append(f"{key}READONLY_CHUNK_SIZE must be >= 0, got {ohem.READONLY_CHUNK_SIZE}")
-    fast = ohem.FAST_READONLY
-    if fast.MODE not in FAST_READONLY_MODES:
-        problems.append(
-            f"{key}FAST_READONLY.MODE must be one of {FAST_READONLY_MODES}, got {fast.MODE!r}"
-        )
-    if fast.MODE and fast.RANK <= 0:
-        problems.append(f"{key}FAST_READONLY.RANK must be > 0, got {fast.RANK}")
-    if fast.MODE and fast.REFRESH_PERIOD <= 0:
-        problems.append(f"{key}FAST_READONLY.REFRESH_PERIOD must be > 0, got {fast.REFRESH_PERIOD}")
-    if fast.MODE and fast.NUM_LAYERS < 0:
-        problems.append(f"{key}FAST_READONLY.NUM_LAYERS must be >= 0, got {fast.NUM_LAYERS}")
-    if problems:
-        raise ValueError("Invalid OHEM config: " + "; ".join(problems))
-
-
-@torch.no_grad()
-def _log_mining_stats(proposals, losses, hard, hard_losses, num_after_nms, background) -> None:
-    candidate = torch.cat([p.gt_classes for p in proposals]) >= 0
-    candidate_losses = torch.cat(losses)[candidate]
-    hard_losses = torch.cat(hard_losses)
-    hard_labels = torch.cat([h.gt_classes for h in hard])
-    num_images = len(proposals)
-    storage = get_event_storage()
-    storage.put_scalar("ohem/num_candidates", candidate_losses.numel() / num_images)
-    storage.put_scalar("ohem/num_after_nms", sum(num_after_nms) / num_images)
-    storage.put_scalar(
-        "ohem/fg_fraction", int((hard_labels != background).sum()) / max(hard_labels.numel(), 1)
-    )
-    storage.put_scalar("ohem/mean_loss_all", _mean(candidate_losses))
-    storage.put_scalar("ohem/mean_loss_hard", _mean(hard_losses))
-
-
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else 0.0
-
-
-def nearest_gt_iou(proposals: Instances) -> torch.Tensor:
-    """(R,) IoU of each labelled RoI with its nearest ground-truth box (0 without any).
-
-    Detectron2's labelling gives every RoI, background too, the ground truth of its highest
-    IoU as ``gt_boxes``.
-    """
-    if not proposals.has("gt_boxes"):
-        return proposals.proposal_boxes.tensor.new_zeros(len(proposals))
-    return matched_pairwise_iou(proposals.proposal_boxes, proposals.gt_boxes)
-
-
 def _train_class_names(cfg):
     names = cfg.DATASETS.TRAIN
     return MetadataCatalog.get(names[0]).get("thing_classes") if names else None
-
-
-# The hard background's IoU with its nearest ground truth falls in one of these bins: exactly
-# 0, then [low, high) (the first open at 0). Cascade stages past the first have background
-# up to their own foreground threshold, hence the last bin.
-IOU_BIN_EDGES = (0.1, 0.3, 0.5)
-IOU_BIN_NAMES = ("0", "(0,0.1)", "[0.1,0.3)", "[0.3,0.5)", ">=0.5")
-
-
-def iou_bin(ious: torch.Tensor) -> torch.Tensor:
-    """(R,) index into IOU_BIN_NAMES of each IoU."""
-    edges = torch.tensor(IOU_BIN_EDGES, dtype=ious.dtype, device=ious.device)
-    return torch.where(ious > 0, torch.bucketize(ious, edges, right=True) + 1, 0)
-
-
-@torch.no_grad()
-def _log_hard_set_makeup(hard, suspects, background, class_names) -> None:
-    storage = get_event_storage()
-    labels = torch.cat([h.gt_classes for h in hard])
-    total = max(labels.numel(), 1)
-    names = class_names or [f"class{k}" for k in range(background)]
-    for k, name in enumerate(list(names) + ["background"]):
-        storage.put_scalar(f"ohem/hard_set/{name}", int((labels == k).sum()) / total)
-    is_bg = labels == background
-    num_bg = max(int(is_bg.sum()), 1)
-    bins = iou_bin(torch.cat([nearest_gt_iou(h) for h in hard])[is_bg])
-    for k, name in enumerate(IOU_BIN_NAMES):
-        storage.put_scalar(f"ohem/hard_bg_iou/{name}", int((bins == k).sum()) / num_bg)
-    storage.put_scalar(
-        "ohem/hard_bg_suspect", int(torch.cat([h.suspect_bg for h in hard]).sum()) / num_bg
-    )
-    storage.put_scalar(
-        "ohem/num_suspect_candidates", sum(int(s.sum()) for s in suspects) / len(hard)
-    )

@@ -8,6 +8,8 @@ import math
 import torch
 from torchvision.ops import batched_nms, nms
 
+from .settings import check_settings
+
 __all__ = ["select_hard_examples"]
 
 
@@ -45,7 +47,7 @@ def select_hard_examples(
         nms_thresh: IoU above which the less hard of two RoIs is suppressed (paper: 0.7).
         nms_per_label: suppress only among RoIs of the same label (the authors' code).
         background_label: label of the background class (K).
-        positive_fraction: -1 (or <= 0): pure OHEM, no class ratio. In (0, 1]: at most
+        positive_fraction: -1: pure OHEM, no class ratio. In (0, 1]: at most
             ``floor(batch_size * positive_fraction)`` foreground RoIs (the hardest), the rest
             filled with the hardest background RoIs, as mmdetection's OHEM sampler does.
         trim_bg_fraction: beyond the paper (0: off). After the NMS, the hardest
@@ -61,14 +63,14 @@ def select_hard_examples(
             background), B' <= batch_size.
         num_after_nms: number of candidates that survive the NMS (before the top-B cut).
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if positive_fraction > 1.0:
-        raise ValueError(f"positive_fraction must be -1 or in (0, 1], got {positive_fraction}")
+    check_settings(
+        batch_size_per_image=batch_size,
+        nms_thresh=nms_thresh,
+        positive_fraction=positive_fraction,
+        trim_bg_fraction=trim_bg_fraction,
+    )
     if not 0 <= num_easy_bg < batch_size:
         raise ValueError(f"num_easy_bg must be in [0, batch_size), got {num_easy_bg}")
-    if not 0 <= trim_bg_fraction < 1:
-        raise ValueError(f"trim_bg_fraction must be in [0, 1), got {trim_bg_fraction}")
 
     candidates = torch.nonzero(labels >= 0).squeeze(1)
     if candidates.numel() == 0:
@@ -103,7 +105,7 @@ def select_hard_examples(
             candidates, cand_labels = candidates[kept], cand_labels[kept]
 
     num_hard = batch_size - num_easy_bg
-    if positive_fraction <= 0:
+    if positive_fraction == -1:
         hard = candidates[:num_hard]
     else:
         is_fg = cand_labels != background_label

@@ -1,25 +1,32 @@
 """ROI heads that train on the hard RoIs mined by OHEM instead of a random fg/bg sample.
 
-In training, every proposal (plus the ground-truth boxes) is labelled by the parent head's
-matcher with no subsampling, :class:`HardExampleMiner` picks the hard RoIs, and the parent's
-own forward and ``box_predictor.losses()`` run on them unchanged. Inference is the parent's.
+One training step of an OHEM head:
+
+1. label: every proposal (plus the ground-truth boxes) is labelled by Detectron2's own
+   ``ROIHeads.label_and_sample_proposals`` with the head's matcher, its subsampling step
+   replaced by "keep every RoI" (:func:`label_without_sampling`);
+2. mine: :class:`HardExampleMiner` scores them all with the head's :class:`ReadonlyHead` and
+   keeps the hard RoIs;
+3. train: the parent head's own ``forward`` (box, mask and keypoint losses) runs on the hard
+   set unchanged.
+
+Inference is the parent's.
 """
 
-from functools import partial
-
-import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import (
     ROI_HEADS_REGISTRY,
     CascadeROIHeads,
     Res5ROIHeads,
+    ROIHeads,
     StandardROIHeads,
 )
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from .labelling import label_without_sampling
 from .miner import HardExampleMiner
-from .pooling import pool_rois
+from .readonly_head import readonly_head
 from .scoring import check_box_predictor_supported
 
 __all__ = ["OHEMCascadeROIHeads", "OHEMHeadMixin", "OHEMROIHeads", "OHEMRes5ROIHeads"]
@@ -29,8 +36,10 @@ class OHEMHeadMixin:
     """What the OHEM heads share: the miner, and labelling of all proposals.
 
     Put it before a Detectron2 ROI head class in the bases. The single-stage ``forward`` here
-    labels, mines and hands the hard set to the parent's ``forward``; the parent's
-    ``label_and_sample_proposals`` hook then has nothing left to do and passes it through.
+    labels (:meth:`label_proposals`), mines (:meth:`mine_hard_examples`) and hands the hard
+    set to the parent's ``forward``, whose ``label_and_sample_proposals`` hook then passes it
+    through. The labelling is Detectron2's ``ROIHeads`` one: a parent class that overrides
+    ``label_and_sample_proposals`` has its override bypassed.
     """
 
     @configurable
@@ -53,51 +62,32 @@ class OHEMHeadMixin:
         return ret
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
-        """Label every proposal, without Detectron2's random subsampling (OHEM selects later).
-
-        Args:
-            matched_idxs: (R,) index of the matched ground truth of each proposal.
-            matched_labels: (R,) matcher label: 1 foreground, 0 background, -1 ignored.
-            gt_classes: (M,) classes of the M ground-truth boxes.
-
-        Returns:
-            (R,) indices of all proposals, and their labels in [0, K] (K: background) or -1.
-        """
-        if gt_classes.numel() > 0:
-            labels = gt_classes[matched_idxs]
-            labels[matched_labels == 0] = self.num_classes
-            labels[matched_labels == -1] = -1
-        else:
-            labels = torch.full_like(matched_idxs, self.num_classes)
-        return torch.arange(labels.numel(), device=labels.device), labels
+        """Detectron2's subsampling hook: here every proposal is kept (OHEM selects later)."""
+        return label_without_sampling(matched_idxs, matched_labels, gt_classes, self.num_classes)
 
     def label_proposals(self, proposals, targets):
-        """Label all proposals plus the ground-truth boxes with the parent's matcher.
+        """Step 1: label all proposals plus the ground-truth boxes with the head's matcher.
 
         Returns:
             list[Instances]: per image, all candidate RoIs with ``gt_classes`` (and the
             other ``gt_*`` fields of ``targets`` when the image has ground truth).
         """
-        # The parent's labelling, run with the _sample_proposals above.
-        return super().label_and_sample_proposals(proposals, targets)
+        # Detectron2's labelling, named by its class: this head's own
+        # label_and_sample_proposals (below) is the parent forward's hook, not the labelling.
+        return ROIHeads.label_and_sample_proposals(self, proposals, targets)
 
     def label_and_sample_proposals(self, proposals, targets):
-        """Pass-through: in OHEM heads ``forward`` has already labelled and mined the
-        proposals, since mining needs the features, which this hook does not receive."""
+        """The parent forward's labelling hook. It receives the hard set, already labelled
+        and mined by :meth:`forward` (mining needs the features, which the hook does not
+        get), and passes it through."""
         return proposals
 
     def mine_hard_examples(self, features, proposals, targets):
-        """Label all `proposals` against `targets` and return the hard set of each image.
-
-        Single-stage heads define `readonly_box_forward(features, boxes)` (pooling, box head
-        and predictor) and `readonly_modules()` (the modules whose mode the readonly pass sets).
-        """
+        """Steps 1 and 2: label all `proposals` against `targets`; return each image's hard set."""
         hard, _ = self.miner(
             [features[f] for f in self.in_features],
             self.label_proposals(proposals, targets),
-            box_forward=self.readonly_box_forward,
-            box_predictor=self.box_predictor,
-            readonly_modules=self.readonly_modules(),
+            readonly_head(self),
         )
         return hard
 
@@ -113,24 +103,10 @@ class OHEMHeadMixin:
 class OHEMROIHeads(OHEMHeadMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (VGG, C5, FPN, ... box-head models) trained with OHEM."""
 
-    def readonly_box_forward(self, features, boxes):
-        pooled = pool_rois(self.box_pooler, features, boxes[0])
-        return self.box_predictor(self.box_head(pooled))
-
-    def readonly_modules(self):
-        return (self.box_head, self.box_predictor)
-
 
 @ROI_HEADS_REGISTRY.register()
 class OHEMRes5ROIHeads(OHEMHeadMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (the C4 models) trained with OHEM."""
-
-    def readonly_box_forward(self, features, boxes):
-        pooled = pool_rois(self.pooler, features, boxes[0])
-        return self.box_predictor(self.res5(pooled).mean(dim=[2, 3]))
-
-    def readonly_modules(self):
-        return (self.res5, self.box_predictor)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -174,11 +150,7 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
             predictor = self.box_predictor[k]
             with storage.name_scope(f"stage{k}"):
                 hard, readonly_predictions = self.miner(
-                    features,
-                    candidates,
-                    box_forward=partial(self._readonly_stage_forward, k),
-                    box_predictor=predictor,
-                    readonly_modules=(self.box_head[k], predictor),
+                    features, candidates, readonly_head(self, k)
                 )
                 stage_losses = predictor.losses(self._run_stage(features, hard, k), hard)
             losses.update({f"{name}_stage{k}": v for name, v in stage_losses.items()})
@@ -191,7 +163,3 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
                 candidates = self._create_proposals_from_boxes(refined_boxes, image_sizes)
                 candidates = self._match_and_label_boxes(candidates, k + 1, targets)
         return first_stage_hard, losses
-
-    def _readonly_stage_forward(self, stage, features, boxes):
-        pooled = pool_rois(self.box_pooler, features, boxes[0])
-        return self.box_predictor[stage](self.box_head[stage](pooled))

@@ -18,6 +18,8 @@ from fvcore.nn import giou_loss, smooth_l1_loss
 from torch import nn
 from torch.nn import functional as F
 
+from .settings import HARDNESS_CHOICES, check_settings
+
 __all__ = [
     "HARDNESS_CHOICES",
     "ReadonlyScorer",
@@ -26,7 +28,6 @@ __all__ = [
     "readonly_mode",
 ]
 
-HARDNESS_CHOICES = ("cls+box", "cls")
 SUPPORTED_BOX_REG_LOSSES = ("smooth_l1", "giou")
 # Norm layers whose training mode reads batch statistics and updates running statistics.
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -108,8 +109,7 @@ def per_roi_losses(
         (R,) float tensor: ``w_cls * CE + w_box * box loss`` (box loss only for foreground
         RoIs); 0 for RoIs labelled -1 (ignored), which are never training examples.
     """
-    if hardness not in HARDNESS_CHOICES:
-        raise ValueError(f"hardness must be one of {HARDNESS_CHOICES}, got '{hardness}'")
+    check_settings(hardness=hardness)
     scores, deltas = predictions[0], predictions[1]
     if len(proposals) == 0 or scores.shape[0] == 0:
         return scores.new_zeros(scores.shape[0])
@@ -178,10 +178,7 @@ class ReadonlyScorer:
         chunk_size: int = 1024,
         approximation: Approximation | None = None,
     ):
-        if hardness not in HARDNESS_CHOICES:
-            raise ValueError(f"hardness must be one of {HARDNESS_CHOICES}, got '{hardness}'")
-        if chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
+        check_settings(hardness=hardness, readonly_chunk_size=chunk_size)
         self.hardness = hardness
         self.train_mode = train_mode
         self.chunk_size = chunk_size

@@ -1,0 +1,76 @@
+"""What the miner mined, written to the current EventStorage (so to metrics.json and
+TensorBoard). Keys are relative ("ohem/..."), so a caller's ``storage.name_scope`` prefixes
+them (the cascade's "stage<k>/")."""
+
+import torch
+from detectron2.structures import Instances
+from detectron2.structures.boxes import matched_pairwise_iou
+from detectron2.utils.events import get_event_storage
+
+__all__ = ["IOU_BIN_NAMES", "iou_bin", "log_mining", "nearest_gt_iou"]
+
+# The hard background's IoU with its nearest ground truth falls in one of these bins: exactly
+# 0, then [low, high) (the first open at 0). Cascade stages past the first have background
+# up to their own foreground threshold, hence the last bin.
+IOU_BIN_EDGES = (0.1, 0.3, 0.5)
+IOU_BIN_NAMES = ("0", "(0,0.1)", "[0.1,0.3)", "[0.3,0.5)", ">=0.5")
+
+
+def nearest_gt_iou(proposals: Instances) -> torch.Tensor:
+    """(R,) IoU of each labelled RoI with its nearest ground-truth box (0 without any).
+
+    Detectron2's labelling gives every RoI, background too, the ground truth of its highest
+    IoU as ``gt_boxes``.
+    """
+    if not proposals.has("gt_boxes"):
+        return proposals.proposal_boxes.tensor.new_zeros(len(proposals))
+    return matched_pairwise_iou(proposals.proposal_boxes, proposals.gt_boxes)
+
+
+def iou_bin(ious: torch.Tensor) -> torch.Tensor:
+    """(R,) index into IOU_BIN_NAMES of each IoU."""
+    edges = torch.tensor(IOU_BIN_EDGES, dtype=ious.dtype, device=ious.device)
+    return torch.where(ious > 0, torch.bucketize(ious, edges, right=True) + 1, 0)
+
+
+@torch.no_grad()
+def log_mining(proposals, losses, hard, hard_losses, num_after_nms, suspects, background, names):
+    """Log one batch's mining.
+
+    Args:
+        proposals: N Instances, the labelled candidates; ``losses`` their (Ri,) losses.
+        hard: N Instances, the hard sets (with ``suspect_bg``); ``hard_losses`` their losses.
+        num_after_nms: per image, the candidates left after the NMS.
+        suspects: per image, (Ri,) bool, the suspect background candidates.
+        background: the background label K; ``names``: the K class names, or None.
+    """
+    storage = get_event_storage()
+    candidate = torch.cat([p.gt_classes for p in proposals]) >= 0
+    candidate_losses = torch.cat(losses)[candidate]
+    hard_losses = torch.cat(hard_losses)
+    labels = torch.cat([h.gt_classes for h in hard])
+    num_images = len(proposals)
+    total = max(labels.numel(), 1)
+    storage.put_scalar("ohem/num_candidates", candidate_losses.numel() / num_images)
+    storage.put_scalar("ohem/num_after_nms", sum(num_after_nms) / num_images)
+    storage.put_scalar("ohem/fg_fraction", int((labels != background).sum()) / total)
+    storage.put_scalar("ohem/mean_loss_all", _mean(candidate_losses))
+    storage.put_scalar("ohem/mean_loss_hard", _mean(hard_losses))
+
+    names = names or [f"class{k}" for k in range(background)]
+    for k, name in enumerate(list(names) + ["background"]):
+        storage.put_scalar(f"ohem/hard_set/{name}", int((labels == k).sum()) / total)
+    is_bg = labels == background
+    num_bg = max(int(is_bg.sum()), 1)
+    bins = iou_bin(torch.cat([nearest_gt_iou(h) for h in hard])[is_bg])
+    for k, name in enumerate(IOU_BIN_NAMES):
+        storage.put_scalar(f"ohem/hard_bg_iou/{name}", int((bins == k).sum()) / num_bg)
+    hard_suspects = int(torch.cat([h.suspect_bg for h in hard]).sum())
+    storage.put_scalar("ohem/hard_bg_suspect", hard_suspects / num_bg)
+    storage.put_scalar(
+        "ohem/num_suspect_candidates", sum(int(s.sum()) for s in suspects) / num_images
+    )
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else 0.0

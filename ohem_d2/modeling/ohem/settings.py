@@ -1,0 +1,85 @@
+"""The one range of every OHEM setting, with the config key that sets it.
+
+Every component checks its arguments here (so a component built by hand gets the same rule as
+one built from a config), and :func:`check_ohem_config` checks a whole config at once, naming
+each key. The bottom of ``modeling/ohem``: it imports nothing of the project but the config.
+"""
+
+from ...config import require_ohem_config
+
+__all__ = ["FAST_READONLY_MODES", "HARDNESS_CHOICES", "check_ohem_config", "check_settings"]
+
+HARDNESS_CHOICES = ("cls+box", "cls")
+FAST_READONLY_MODES = ("", "lowrank")
+
+_OHEM = "MODEL.ROI_HEADS.OHEM."
+# setting: (config key, in range?, the range in words)
+_SETTINGS = {
+    "batch_size_per_image": ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", lambda v: v > 0, "> 0"),
+    "nms_thresh": (_OHEM + "NMS_THRESH", lambda v: v >= 0, ">= 0 (>= 1 turns NMS off)"),
+    "positive_fraction": (
+        _OHEM + "POSITIVE_FRACTION",
+        lambda v: v == -1 or 0 < v <= 1,
+        "-1 or in (0, 1]",
+    ),
+    "hardness": (_OHEM + "HARDNESS", lambda v: v in HARDNESS_CHOICES, f"one of {HARDNESS_CHOICES}"),
+    "readonly_chunk_size": (_OHEM + "READONLY_CHUNK_SIZE", lambda v: v >= 0, ">= 0"),
+    "fast_readonly_mode": (
+        _OHEM + "FAST_READONLY.MODE",
+        lambda v: v in FAST_READONLY_MODES,
+        f"one of {FAST_READONLY_MODES}",
+    ),
+    "rank": (_OHEM + "FAST_READONLY.RANK", lambda v: v > 0, "> 0"),
+    "refresh_period": (_OHEM + "FAST_READONLY.REFRESH_PERIOD", lambda v: v > 0, "> 0"),
+    "num_layers": (_OHEM + "FAST_READONLY.NUM_LAYERS", lambda v: v >= 0, ">= 0"),
+    "suspect_bg_weight": (_OHEM + "SUSPECT_BG_WEIGHT", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "suspect_bg_score": (_OHEM + "SUSPECT_BG_SCORE", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "suspect_bg_max_iou": (_OHEM + "SUSPECT_BG_MAX_IOU", lambda v: 0 < v <= 1, "in (0, 1]"),
+    "trim_bg_fraction": (_OHEM + "TRIM_BG_FRACTION", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "easy_bg_fraction": (_OHEM + "EASY_BG_FRACTION", lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def _problems(values: dict) -> list[str]:
+    problems = []
+    for name, value in values.items():
+        key, in_range, wanted = _SETTINGS[name]
+        if not in_range(value):
+            problems.append(f"{key} ({name}) must be {wanted}, got {value!r}")
+    return problems
+
+
+def check_settings(**values) -> None:
+    """Raise ValueError naming every setting (and its config key) that is out of range."""
+    problems = _problems(values)
+    if problems:
+        raise ValueError("Invalid OHEM setting: " + "; ".join(problems))
+
+
+def check_ohem_config(cfg) -> None:
+    """Raise ValueError naming every OHEM config key that is out of its range.
+
+    The FAST_READONLY rank, period and layer count matter only with a MODE set.
+    """
+    require_ohem_config(cfg, "MODEL.ROI_HEADS.OHEM")
+    ohem = cfg.MODEL.ROI_HEADS.OHEM
+    values = {
+        "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+        "nms_thresh": ohem.NMS_THRESH,
+        "positive_fraction": ohem.POSITIVE_FRACTION,
+        "hardness": ohem.HARDNESS,
+        "readonly_chunk_size": ohem.READONLY_CHUNK_SIZE,
+        "fast_readonly_mode": ohem.FAST_READONLY.MODE,
+        "suspect_bg_weight": ohem.SUSPECT_BG_WEIGHT,
+        "suspect_bg_score": ohem.SUSPECT_BG_SCORE,
+        "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
+        "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
+        "easy_bg_fraction": ohem.EASY_BG_FRACTION,
+    }
+    if ohem.FAST_READONLY.MODE:
+        values["rank"] = ohem.FAST_READONLY.RANK
+        values["refresh_period"] = ohem.FAST_READONLY.REFRESH_PERIOD
+        values["num_layers"] = ohem.FAST_READONLY.NUM_LAYERS
+    problems = _problems(values)
+    if problems:
+        raise ValueError("Invalid OHEM config: " + "; ".join(problems))
