@@ -19,9 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_train_step as bench  # noqa: E402
+import train_step_lib as bench  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+from ohem_d2.engine.allocator import (  # noqa: E402
+    ALLOCATORS,
+    allocator_in_use,
+    relaunch_with_allocator,
+)
 from ohem_d2.modeling.ohem import LowRankReadonly, ReadonlyScorer  # noqa: E402
 
 SEEDS = (1, 2)
@@ -31,9 +36,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--specs", nargs="+", default=["512:0", "512:1", "256:1", "128:1"])
     p.add_argument("--arch", default="vgg16", choices=sorted(bench.ARCHS))
-    p.add_argument("--allocator", default="auto", choices=bench.ALLOCATORS)
+    p.add_argument("--allocator", default="auto", choices=ALLOCATORS)
     args = p.parse_args(argv)
-    bench.relaunch_with_allocator(args.allocator)
+    relaunch_with_allocator(args.allocator)
     bench_args = bench.parse_args(["--arch", args.arch])
     cfg = bench.build_cfg(args.arch, "ohem", bench_args)
     inputs = bench.synthetic_batch(cfg, bench_args)
@@ -63,7 +68,7 @@ def main(argv=None):
                 overlaps.append(bench.overlap(reference[s], hard))
             result = {
                 "arch": args.arch,
-                "allocator": bench.allocator_in_use(),
+                "allocator": allocator_in_use(),
                 "rank": rank,
                 "num_layers": num_layers,
                 "factorised": len(approx.approximation.layers),
