@@ -6,11 +6,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import ohem_d2
-from ohem_d2.modeling.proposal_generator import (
-    MissingProposalsError,
-    SelectiveSearchProposals,
-    unique_boxes,
-)
+from ohem_d2.modeling.proposal_generator import MissingProposalsError, SelectiveSearchProposals
+from ohem_d2.proposal_rules import unique_boxes
 
 
 def _proposals(boxes, size=(100, 120)):

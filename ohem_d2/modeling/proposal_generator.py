@@ -6,19 +6,11 @@ from detectron2.config import configurable
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import Boxes, Instances
 
+from ..proposal_rules import min_size_mask, top_k, unique_boxes
+
 
 class MissingProposalsError(ValueError):
     """An input reached the model with no proposal at all."""
-
-
-def unique_boxes(boxes: torch.Tensor) -> torch.Tensor:
-    """Indices (ascending) of the first occurrence of each distinct row of an (R, 4) tensor."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    _, inverse = torch.unique(boxes, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), len(boxes), device=boxes.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(boxes), device=boxes.device), "amin")
-    return first.sort().values
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -68,8 +60,8 @@ class SelectiveSearchProposals(nn.Module):
         for i, props in enumerate(precomputed):
             boxes = props.proposal_boxes.tensor
             # Same rule as Detectron2's RPN: both sides strictly greater than min_size.
-            keep = props.proposal_boxes.nonempty(threshold=self.min_size).nonzero()[:, 0]
-            keep = keep[unique_boxes(boxes[keep])][: self.topk[self.training]]
+            keep = min_size_mask(boxes, self.min_size, strict=True).nonzero()[:, 0]
+            keep = top_k(keep[unique_boxes(boxes[keep])], self.topk[self.training])
             if len(keep) == 0:
                 name = image_names[i] if image_names else f"#{i} of the batch"
                 raise MissingProposalsError(
