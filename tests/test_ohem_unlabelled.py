@@ -206,15 +206,15 @@ def test_options_off_is_the_paper_selection():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("SUSPECT_BG_WEIGHT", 1.5, r"SUSPECT_BG_WEIGHT \(suspect_bg_weight\) must be in \[0, 1\]"),
-        ("SUSPECT_BG_SCORE", -0.1, r"SUSPECT_BG_SCORE \(suspect_bg_score\) must be in \[0, 1\]"),
+        ("SUSPECT_BG_WEIGHT", 1.5, r"SUSPECT_BG_WEIGHT must be in \[0, 1\]"),
+        ("SUSPECT_BG_SCORE", -0.1, r"SUSPECT_BG_SCORE must be in \[0, 1\]"),
         (
             "SUSPECT_BG_MAX_IOU",
             0.0,
-            r"SUSPECT_BG_MAX_IOU \(suspect_bg_max_iou\) must be in \(0, 1\]",
+            r"SUSPECT_BG_MAX_IOU must be in \(0, 1\]",
         ),
-        ("TRIM_BG_FRACTION", 1.0, r"TRIM_BG_FRACTION \(trim_bg_fraction\) must be in \[0, 1\)"),
-        ("EASY_BG_FRACTION", 1.0, r"EASY_BG_FRACTION \(easy_bg_fraction\) must be in \[0, 1\)"),
+        ("TRIM_BG_FRACTION", 1.0, r"TRIM_BG_FRACTION must be in \[0, 1\)"),
+        ("EASY_BG_FRACTION", 1.0, r"EASY_BG_FRACTION must be in \[0, 1\)"),
     ],
 )
 def test_out_of_range_options_name_their_key(key, value, message):

@@ -15,10 +15,14 @@ FAST_READONLY_MODES = ("", "lowrank")
 _OHEM = "MODEL.ROI_HEADS.OHEM."
 # setting: (config key, in range?, the range in words)
 _SETTINGS = {
-    "batch_size_per_image": ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", lambda v: v > 0, "> 0"),
+    "batch_size_per_image": (
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE (hard RoIs per image)",
+        lambda v: v > 0,
+        "> 0",
+    ),
     "nms_thresh": (_OHEM + "NMS_THRESH", lambda v: v >= 0, ">= 0 (>= 1 turns NMS off)"),
     "positive_fraction": (
-        _OHEM + "POSITIVE_FRACTION",
+        _OHEM + "POSITIVE_FRACTION (positive_fraction)",
         lambda v: v == -1 or 0 < v <= 1,
         "-1 or in (0, 1]",
     ),
@@ -40,18 +44,24 @@ _SETTINGS = {
 }
 
 
-def _problems(values: dict) -> list[str]:
+def _problems(values: dict, *, by_key: bool) -> list[str]:
+    """One message per out-of-range value, naming its config key first (``by_key``) or the
+    argument first, with the key after it."""
     problems = []
     for name, value in values.items():
         key, in_range, wanted = _SETTINGS[name]
         if not in_range(value):
-            problems.append(f"{key} ({name}) must be {wanted}, got {value!r}")
+            shown = repr(value) if isinstance(value, str) else value
+            if by_key:
+                problems.append(f"{key} must be {wanted}, got {shown}")
+            else:
+                problems.append(f"{name} must be {wanted}, got {shown} (config: {key})")
     return problems
 
 
 def check_settings(**values) -> None:
-    """Raise ValueError naming every setting (and its config key) that is out of range."""
-    problems = _problems(values)
+    """Raise ValueError naming every argument (and its config key) that is out of range."""
+    problems = _problems(values, by_key=False)
     if problems:
         raise ValueError("Invalid OHEM setting: " + "; ".join(problems))
 
@@ -80,6 +90,6 @@ def check_ohem_config(cfg) -> None:
         values["rank"] = ohem.FAST_READONLY.RANK
         values["refresh_period"] = ohem.FAST_READONLY.REFRESH_PERIOD
         values["num_layers"] = ohem.FAST_READONLY.NUM_LAYERS
-    problems = _problems(values)
+    problems = _problems(values, by_key=True)
     if problems:
         raise ValueError("Invalid OHEM config: " + "; ".join(problems))
