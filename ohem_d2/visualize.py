@@ -106,8 +106,7 @@ class _FileProposals:
     def __call__(self, image_id: str, image_path: str, height: int, width: int, image_rgb):
         from detectron2.structures import BoxMode
 
-        from ohem_d2.data.proposal_io import ProposalFileError
-        from ohem_d2.proposals.convert import clean_boxes
+        from ohem_d2.data.proposal_io import ProposalFileError, clean_boxes
 
         path = self.proposals.path
         if image_id not in self.index:

@@ -9,11 +9,11 @@ from detectron2.structures import BoxMode
 
 from ohem_d2.data.proposal_io import (
     ProposalFileError,
+    clean_boxes,
     load_proposals_into_dataset_dicts,
     read_proposal_file,
 )
 from ohem_d2.proposals.convert import (
-    clean_boxes,
     convert_detectron_pickle,
     convert_fast_rcnn_mat,
     main,

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..fileio import write_atomic
 from .catalog import is_registered_for
 
 __all__ = [
@@ -430,11 +431,11 @@ def _read_json(path):
 
 
 def _write_json(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    def write(f):
         json.dump(value, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
+
+    write_atomic(path, write, binary=False)
 
 
 def _write_images(root: str, spec: EmbeddedDatasetSpec) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 from detectron2.structures import BoxMode
 
+from ..fileio import write_atomic
+from ..proposal_rules import OUTSIDE_TOLERANCE, clip_to_image, min_size_mask
+
 __all__ = [
     "NPZ_FORMAT_VERSION",
     "ProposalFileError",
     "ProposalSet",
+    "clean_boxes",
+    "first_few",
     "load_proposals_into_dataset_dicts",
     "read_proposal_file",
     "save_proposals_npz",
@@ -138,25 +142,16 @@ def save_proposals_npz(
 def _write_npz_atomic(path: str, arrays: dict) -> None:
     # np.savez stamps each member with the current time; writing the zip here with a fixed
     # timestamp makes the bytes depend on the content only.
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for key, value in arrays.items():
-                    info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_DATE_TIME)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    with zf.open(info, "w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def write(f):
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_DATE_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+    write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -302,7 +297,7 @@ def load_proposals_into_dataset_dicts(
     proposal_file: str,
     *,
     trusted: bool = False,
-    outside_tolerance: float = 0.05,
+    outside_tolerance: float = OUTSIDE_TOLERANCE,
 ) -> list[dict]:
     """Attach precomputed proposals to Detectron2 dataset records.
 
@@ -335,13 +330,13 @@ def load_proposals_into_dataset_dicts(
     if duplicates:
         raise ProposalFileError(
             f"Proposal file {path!r} lists {len(duplicates)} image id(s) more than once, "
-            f"e.g. {_head(duplicates)}."
+            f"e.g. {first_few(duplicates)}."
         )
     missing = [str(r["image_id"]) for r in dataset_dicts if str(r["image_id"]) not in index]
     if missing:
         raise ProposalFileError(
             f"Proposal file {path!r} has no proposals for {len(missing)} of the "
-            f"{len(dataset_dicts)} images of the dataset, e.g. image ids {_head(missing)}. "
+            f"{len(dataset_dicts)} images of the dataset, e.g. image ids {first_few(missing)}. "
             "Is it the proposal file of another dataset or split?"
         )
 
@@ -396,9 +391,7 @@ def load_proposals_into_dataset_dicts(
 
 def _clip_to_image(boxes, height, width, tolerance, path, where):
     """Clip boxes to [0, width] x [0, height]; refuse boxes far outside. Returns (boxes, n)."""
-    limits = np.array([width, height, width, height], dtype=np.float32)
-    slack = np.maximum(2.0, tolerance * limits)
-    far = (boxes < -slack).any(axis=1) | (boxes > limits + slack).any(axis=1)
+    clipped, outside, far = clip_to_image(boxes, height, width, tolerance=tolerance)
     if far.any():
         j = int(np.flatnonzero(far)[0])
         raise ProposalFileError(
@@ -406,13 +399,68 @@ def _clip_to_image(boxes, height, width, tolerance, path, where):
             f"size {width}x{height}, e.g. {boxes[j].tolist()} (XYXY). Were the proposals "
             "computed on other (or resized) images?"
         )
-    outside = (boxes < 0).any(axis=1) | (boxes > limits).any(axis=1)
     if not outside.any():
         return boxes, 0
-    clipped = np.clip(boxes, 0, limits)
     return clipped.astype(np.float32), int(outside.sum())
 
 
-def _head(items, n=_MAX_NAMED):
+# ----------------------------------------------------------------------------- cleaning
+
+
+def clean_boxes(
+    boxes: np.ndarray,
+    height: int,
+    width: int,
+    *,
+    scores: np.ndarray | None = None,
+    clip_far_outside: bool = False,
+    where: str = "",
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Clip boxes to their image and drop the unusable ones (conversion and drawing are
+    lenient where loading refuses: they repair a file, loading checks it).
+
+    Args:
+        boxes: (K, 4) XYXY_ABS boxes.
+        height, width: the image size in pixels; boxes are clipped to [0, width] x [0, height].
+        scores: (K,) scores; a box whose score is NaN/inf is dropped too.
+        clip_far_outside: clip boxes far outside the image instead of raising.
+        where: names the image in error messages.
+
+    Returns:
+        (kept boxes (K', 4) float32, keep (K,) bool mask into the input, counts dict with
+        ``clipped``, ``dropped_nonfinite``, ``dropped_empty``, ``far_outside``).
+
+    Raises:
+        ProposalFileError: a box is far outside the image and ``clip_far_outside`` is False.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    finite = np.isfinite(boxes).all(axis=1)
+    if scores is not None:
+        finite &= np.isfinite(np.asarray(scores, dtype=np.float64).reshape(-1))
+    clipped, outside, far = clip_to_image(boxes, height, width)
+    far &= finite
+    outside &= finite
+    if far.any() and not clip_far_outside:
+        j = int(np.flatnonzero(far)[0])
+        raise ProposalFileError(
+            f"{where}: {int(far.sum())} box(es) lie far outside the image of size "
+            f"{width}x{height}, e.g. {boxes[j].tolist()} (XYXY). Were the proposals computed "
+            "on other (or resized) images, or for another dataset? Pass --clip-far-outside "
+            "to clip them anyway."
+        )
+    clipped = np.where(finite[:, None], clipped, 0.0)
+    nonempty = min_size_mask(clipped, 0, strict=True)
+    keep = finite & nonempty
+    counts = {
+        "clipped": int((outside & keep).sum()),
+        "dropped_nonfinite": int((~finite).sum()),
+        "dropped_empty": int((finite & ~nonempty).sum()),
+        "far_outside": int(far.sum()),
+    }
+    return clipped[keep].astype(np.float32), keep, counts
+
+
+def first_few(items, n=_MAX_NAMED) -> str:
+    """The first ``n`` items, repr'd, for an error message ("..." if there are more)."""
     shown = ", ".join(repr(x) for x in items[:n])
     return shown + (", ..." if len(items) > n else "")

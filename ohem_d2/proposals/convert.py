@@ -16,7 +16,7 @@ Sources:
   (y1, x1, y2, x2)** pixel indices, and usually ``images``, the image ids. Without
   ``images`` the boxes are taken to follow the dataset's image order (its image set file).
   Boxes keep the file's order (the selective-search ranking); the score of the r-th box is
-  ``-r``, as for :mod:`ohem_d2.proposals.selective_search`.
+  ``-r`` (:func:`ohem_d2.proposal_rules.rank_scores`).
 - ``detectron-pkl``: Detectron2 proposal pickles (``ids``, ``boxes``, ``objectness_logits``,
   optional ``bbox_mode``) and Detectron (v1) ones (``ids``, ``boxes``, ``scores``, possibly
   Python 2 pickles). Unpickling runs arbitrary code: read only with ``trusted=True``
@@ -50,12 +50,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from detectron2.structures import BoxMode
 
-from ohem_d2.data.proposal_io import ProposalFileError, read_proposal_file, save_proposals_npz
+from ..data.proposal_io import (
+    ProposalFileError,
+    clean_boxes,
+    first_few,
+    read_proposal_file,
+    save_proposals_npz,
+)
+from ..proposal_rules import rank_scores
 
 __all__ = [
     "SOURCES",
     "ConversionStats",
-    "clean_boxes",
     "convert_detectron_pickle",
     "convert_fast_rcnn_mat",
     "main",
@@ -66,11 +72,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SOURCES = ("fast-rcnn-mat", "detectron-pkl")
-# Same rule as the loader (ohem_d2.data.proposal_io): boxes may leave the image by this
-# fraction of its side (at least _FAR_OUTSIDE_MIN_PX pixels) before the file is suspect.
-_FAR_OUTSIDE_FRACTION = 0.05
-_FAR_OUTSIDE_MIN_PX = 2.0
-_MAX_NAMED = 5
 
 
 @dataclass
@@ -119,66 +120,13 @@ class ConversionStats:
         if self.images_without_boxes:
             text += (
                 f"; WARNING: {len(self.images_without_boxes)} image(s) have no box left, "
-                f"e.g. {_head(self.images_without_boxes)}, and loading the file will refuse them"
+                f"e.g. {first_few(self.images_without_boxes)}, "
+                "and loading the file will refuse them"
             )
         return text
 
 
 # ----------------------------------------------------------------------------- checking
-
-
-def clean_boxes(
-    boxes: np.ndarray,
-    height: int,
-    width: int,
-    *,
-    scores: np.ndarray | None = None,
-    clip_far_outside: bool = False,
-    where: str = "",
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Clip boxes to their image and drop the unusable ones.
-
-    Args:
-        boxes: (K, 4) XYXY_ABS boxes.
-        height, width: the image size in pixels; boxes are clipped to [0, width] x [0, height].
-        scores: (K,) scores; a box whose score is NaN/inf is dropped too.
-        clip_far_outside: clip boxes far outside the image instead of raising.
-        where: names the image in error messages.
-
-    Returns:
-        (kept boxes (K', 4) float32, keep (K,) bool mask into the input, counts dict with
-        ``clipped``, ``dropped_nonfinite``, ``dropped_empty``, ``far_outside``).
-
-    Raises:
-        ProposalFileError: a box is far outside the image and ``clip_far_outside`` is False.
-    """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    finite = np.isfinite(boxes).all(axis=1)
-    if scores is not None:
-        finite &= np.isfinite(np.asarray(scores, dtype=np.float64).reshape(-1))
-    limits = np.array([width, height, width, height], dtype=np.float64)
-    slack = np.maximum(_FAR_OUTSIDE_MIN_PX, _FAR_OUTSIDE_FRACTION * limits)
-    with np.errstate(invalid="ignore"):
-        far = finite & ((boxes < -slack).any(axis=1) | (boxes > limits + slack).any(axis=1))
-        outside = finite & ((boxes < 0).any(axis=1) | (boxes > limits).any(axis=1))
-    if far.any() and not clip_far_outside:
-        j = int(np.flatnonzero(far)[0])
-        raise ProposalFileError(
-            f"{where}: {int(far.sum())} box(es) lie far outside the image of size "
-            f"{width}x{height}, e.g. {boxes[j].tolist()} (XYXY). Were the proposals computed "
-            "on other (or resized) images, or for another dataset? Pass --clip-far-outside "
-            "to clip them anyway."
-        )
-    clipped = np.where(finite[:, None], np.clip(boxes, 0, limits), 0.0)
-    nonempty = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    keep = finite & nonempty
-    counts = {
-        "clipped": int((outside & keep).sum()),
-        "dropped_nonfinite": int((~finite).sum()),
-        "dropped_empty": int((finite & ~nonempty).sum()),
-        "far_outside": int(far.sum()),
-    }
-    return clipped[keep].astype(np.float32), keep, counts
 
 
 def _convert_checked(
@@ -271,7 +219,7 @@ def _match_ids(source: str, file_ids: Sequence[str], dataset_dicts: list[dict]) 
     if unknown:
         raise ProposalFileError(
             f"{source}: {len(unknown)} of its {len(file_ids)} image ids are not in the dataset "
-            f"({len(dataset_dicts)} images), e.g. {_head(unknown)}. Is it the proposal file "
+            f"({len(dataset_dicts)} images), e.g. {first_few(unknown)}. Is it the proposal file "
             "of another image set or split?"
         )
     seen, duplicates = set(), []
@@ -281,13 +229,14 @@ def _match_ids(source: str, file_ids: Sequence[str], dataset_dicts: list[dict]) 
         seen.add(image_id)
     if duplicates:
         raise ProposalFileError(
-            f"{source} lists {len(duplicates)} image(s) more than once, e.g. {_head(duplicates)}."
+            f"{source} lists {len(duplicates)} image(s) more than once, "
+            f"e.g. {first_few(duplicates)}."
         )
     if len(matched) != len(dataset_dicts):
         missing = [str(r["image_id"]) for r in dataset_dicts if str(r["image_id"]) not in seen]
         raise ProposalFileError(
             f"{source} has proposals for {len(matched)} images but the dataset has "
-            f"{len(dataset_dicts)}; missing e.g. {_head(missing)}."
+            f"{len(dataset_dicts)}; missing e.g. {first_few(missing)}."
         )
     return matched
 
@@ -387,7 +336,7 @@ def convert_fast_rcnn_mat(
         dataset_dicts: the Detectron2 records of the dataset, in its image set order (used
             for the image sizes, and for the order when the file has no ``images``).
         out_path: the ``.npz`` to write.
-        clip_far_outside: see :func:`clean_boxes`.
+        clip_far_outside: see :func:`ohem_d2.data.proposal_io.clean_boxes`.
 
     Raises:
         ProposalFileError: unreadable file, image count different from the dataset's (both
@@ -407,7 +356,7 @@ def convert_fast_rcnn_mat(
         # Unknown ids are named first (another image set is the likelier mistake), then a
         # count that differs from the dataset's.
         ids = _match_ids(source, ids, dataset_dicts)
-    scores = [-np.arange(len(b), dtype=np.float32) for b in boxes]
+    scores = [rank_scores(b) for b in boxes]
     return _convert_checked(
         source, ids, boxes, scores, dataset_dicts, out_path, clip_far_outside=clip_far_outside
     )
@@ -543,11 +492,6 @@ def main(argv=None) -> int:
         return 1
     print(stats.summary())
     return 0
-
-
-def _head(items, n=_MAX_NAMED):
-    shown = ", ".join(repr(x) for x in items[:n])
-    return shown + (", ..." if len(items) > n else "")
 
 
 if __name__ == "__main__":

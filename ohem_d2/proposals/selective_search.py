@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ohem_d2.data.proposal_io import ProposalFileError, read_proposal_file, save_proposals_npz
+from ..data.proposal_io import ProposalFileError, read_proposal_file, save_proposals_npz
+from ..fileio import write_atomic
+from ..proposal_rules import min_size_mask, rank_scores, top_k, unique_boxes
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -119,20 +121,15 @@ def selective_search_boxes(
     _seed_c_rand()
     rects = np.asarray(ss.process(), dtype=np.int64).reshape(-1, 4)  # x, y, w, h
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
-    _, first = np.unique(boxes, axis=0, return_index=True)
-    boxes = boxes[np.sort(first)]
+    boxes = boxes[unique_boxes(boxes)]
     if len(boxes) == 0:
         h, w = image_bgr.shape[:2]
         return np.array([[0, 0, w, h]], dtype=np.float32)
-    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    keep = sides >= min_size
+    keep = min_size_mask(boxes, min_size)
     if not keep.any():
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = np.arange(len(boxes)) == int(np.argmax(areas))
-    boxes = boxes[keep]
-    if max_boxes is not None:
-        boxes = boxes[:max_boxes]
-    return boxes.astype(np.float32)
+    return top_k(boxes[keep], max_boxes).astype(np.float32)
 
 
 def _pool_worker_init() -> None:
@@ -271,10 +268,11 @@ class _ChunkWriter:
         os.makedirs(partial, exist_ok=True)
         meta_path = os.path.join(partial, _PARTIAL_META)
         if not os.path.isfile(meta_path):
-            tmp = meta_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(signature, f, indent=1, sort_keys=True)
-            os.replace(tmp, meta_path)
+            write_atomic(
+                meta_path,
+                lambda f: json.dump(signature, f, indent=1, sort_keys=True),
+                binary=False,
+            )
         numbers = [
             int(n[len("chunk-") : -len(".npz")])
             for n in os.listdir(partial)
@@ -296,13 +294,9 @@ class _ChunkWriter:
         if not self._ids:
             return
         path = os.path.join(self._partial, f"chunk-{self._next:06d}.npz")
-        save_proposals_npz(path, self._ids, self._boxes, [_rank_scores(b) for b in self._boxes])
+        save_proposals_npz(path, self._ids, self._boxes, [rank_scores(b) for b in self._boxes])
         self._next += 1
         self._ids, self._boxes = [], []
-
-
-def _rank_scores(boxes: np.ndarray) -> np.ndarray:
-    return -np.arange(len(boxes), dtype=np.float32)
 
 
 def _default_workers() -> int:
@@ -430,7 +424,7 @@ def compute_proposal_file(
     if all(i in done or i in skipped_ids for i in ids):
         kept = [i for i in ids if i in done]
         save_proposals_npz(
-            out_path, kept, [done[i] for i in kept], [_rank_scores(done[i]) for i in kept]
+            out_path, kept, [done[i] for i in kept], [rank_scores(done[i]) for i in kept]
         )
         shutil.rmtree(partial, ignore_errors=True)
         run.complete = True
