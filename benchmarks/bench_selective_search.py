@@ -30,13 +30,10 @@ import time
 import cv2
 import numpy as np
 
-from ohem_d2.data.embedded import generate_embedded_dataset
 from ohem_d2.data.proposal_io import read_proposal_file
-from ohem_d2.proposals.selective_search import (
-    DEFAULT_MIN_SIZE,
-    MODES,
-    compute_proposal_file,
-)
+from ohem_d2.proposals.compute import compute_proposal_file
+from ohem_d2.proposals.embedded import generate_embedded_dataset
+from ohem_d2.proposals.search import DEFAULT_MIN_SIZE, MODES
 
 VOC_MIN_SIDE, VOC_MAX_SIDE = 375, 500
 

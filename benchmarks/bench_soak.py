@@ -32,7 +32,6 @@ sys.path.insert(0, REPO)
 import ohem_d2  # noqa: E402
 from ohem_d2.data.embedded import (  # noqa: E402
     embedded_proposal_file,
-    generate_embedded_dataset,
     register_embedded_dataset,
 )
 from ohem_d2.engine import Trainer  # noqa: E402
@@ -41,6 +40,7 @@ from ohem_d2.engine.allocator import (  # noqa: E402
     allocator_in_use,
     relaunch_with_allocator,
 )
+from ohem_d2.proposals.embedded import generate_embedded_dataset  # noqa: E402
 
 
 class RSSSampler(HookBase):

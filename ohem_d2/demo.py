@@ -373,7 +373,7 @@ def prepare_dataset(dataset, cfg):
         prepare_embedded_dataset(cfg)
         return
     from .data.bccd import default_bccd_root
-    from .proposals.selective_search import compute_bccd_proposals
+    from .proposals.bccd import compute_bccd_proposals
 
     root = default_bccd_root()
     if not os.path.isdir(os.path.join(root, "JPEGImages")):

@@ -136,7 +136,7 @@ class _SelectiveSearchProposals:
         self.mode, self.min_size = mode, min_size
 
     def __call__(self, image_id, image_path, height, width, image_rgb):
-        from ohem_d2.proposals.selective_search import selective_search_boxes
+        from ohem_d2.proposals.search import selective_search_boxes
 
         bgr = np.ascontiguousarray(image_rgb[:, :, ::-1])
         boxes = selective_search_boxes(bgr, mode=self.mode, min_size=self.min_size)
@@ -180,7 +180,7 @@ def _output_path(output_dir: str, image_path: str, used: set) -> str:
 
 
 def _parse_args(argv):
-    from ohem_d2.proposals.selective_search import DEFAULT_MIN_SIZE, MODES
+    from ohem_d2.proposals.search import DEFAULT_MIN_SIZE, MODES
 
     parser = argparse.ArgumentParser(
         prog="python -m ohem_d2.visualize",

@@ -3,11 +3,8 @@
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ohem_d2.data.embedded import (
-    EMBEDDED_DATASET_NAMES,
-    generate_embedded_dataset,
-    register_embedded_dataset,
-)
+from ohem_d2.data.embedded import EMBEDDED_DATASET_NAMES, register_embedded_dataset
+from ohem_d2.proposals.embedded import generate_embedded_dataset
 
 
 @pytest.fixture(scope="session")

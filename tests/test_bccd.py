@@ -19,7 +19,8 @@ from ohem_d2.data.bccd import (
     register_bccd,
 )
 from ohem_d2.data.proposal_io import read_proposal_file
-from ohem_d2.proposals.selective_search import BCCD_MIN_SIZE, selective_search_boxes
+from ohem_d2.proposals.bccd import BCCD_MIN_SIZE
+from ohem_d2.proposals.search import selective_search_boxes
 
 ROOT = default_bccd_root()
 

@@ -12,10 +12,10 @@ from ohem_d2.data.embedded import (
     EMBEDDED_CLASS_NAMES,
     EMBEDDED_DATASET_NAMES,
     embedded_proposal_file,
-    generate_embedded_dataset,
     register_embedded_dataset,
 )
 from ohem_d2.data.proposal_io import load_proposals_into_dataset_dicts
+from ohem_d2.proposals.embedded import generate_embedded_dataset
 
 # Image indices 3 and 9 are the "small objects" and "low contrast" hard cases.
 TINY = {"num_trainval": 10, "num_test": 3, "seed": 5}

@@ -7,18 +7,14 @@ import pytest
 import scipy.io
 from detectron2.structures import BoxMode
 
+from ohem_d2.data.catalog import registered_dataset_dicts
 from ohem_d2.data.proposal_io import (
     ProposalFileError,
     clean_boxes,
     load_proposals_into_dataset_dicts,
     read_proposal_file,
 )
-from ohem_d2.proposals.convert import (
-    convert_detectron_pickle,
-    convert_fast_rcnn_mat,
-    main,
-    registered_dataset_dicts,
-)
+from ohem_d2.proposals.convert import convert_detectron_pickle, convert_fast_rcnn_mat, main
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ import pytest
 from PIL import Image
 
 from ohem_d2.data.proposal_io import read_proposal_file
-from ohem_d2.proposals.selective_search import (
-    compute_proposal_file,
-    main,
-    selective_search_boxes,
-)
+from ohem_d2.proposals.compute import compute_proposal_file
+from ohem_d2.proposals.search import selective_search_boxes
+from ohem_d2.proposals.selective_search import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +121,8 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, image_files):
 
 
 def test_cli_on_the_embedded_dataset_reproduces_its_proposal_file(tmp_path, capsys):
-    from ohem_d2.data.embedded import embedded_proposal_file, generate_embedded_dataset
+    from ohem_d2.data.embedded import embedded_proposal_file
+    from ohem_d2.proposals.embedded import generate_embedded_dataset
 
     root = generate_embedded_dataset(
         str(tmp_path / "toy"), num_trainval=2, num_test=3, workers=1, progress=False
@@ -160,8 +159,7 @@ def test_worker_pool_does_not_hang_after_opencv_ran_in_the_parent(image_files, t
     # or a user's notebook, does) must still get its images computed by worker processes.
     code = (
         "import sys, cv2, numpy as np\n"
-        "from ohem_d2.proposals.selective_search import compute_proposal_file, "
-        "selective_search_boxes\n"
+        "from ohem_d2.proposals import compute_proposal_file, selective_search_boxes\n"
         "import torch\n"
         "torch.randn(512, 512) @ torch.randn(512, 512)\n"
         "cv2.setNumThreads(2)\n"

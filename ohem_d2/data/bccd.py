@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from .catalog import is_registered_for
+from .registration import is_registered_for
 
 __all__ = [
     "BCCD_CLASS_NAMES",

@@ -1,23 +1,37 @@
-"""Shared rule of the project's dataset registrations."""
+"""Records of a dataset by name, the project's own names registered on demand (the command
+lines take a dataset name and need no separate registration step)."""
 
-import os
+from __future__ import annotations
+
+from .bccd import BCCD_DATASET_NAMES, register_bccd
+from .embedded import EMBEDDED_DATASET_NAMES, register_embedded_dataset
+
+__all__ = ["dataset_images", "registered_dataset_dicts"]
 
 
-def is_registered_for(name: str, dirname: str) -> bool:
-    """True if dataset `name` is already registered for folder `dirname`, False if it is not
-    registered at all.
+def registered_dataset_dicts(dataset_name: str, *, embedded_root: str | None = None) -> list[dict]:
+    """The records of a registered Detectron2 dataset (the project's own names, ``ohem_toy_*``
+    and ``bccd_*``, are registered first if they are not yet)."""
+    from detectron2.data import DatasetCatalog
 
-    Raises:
-        ValueError: it is registered for another folder (Detectron2's metadata cannot change
-            after registration, so registering it again would silently keep the old one).
-    """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if name not in DatasetCatalog.list():
-        return False
-    registered = MetadataCatalog.get(name).get("dirname", None)
-    if registered is None or os.path.abspath(registered) != os.path.abspath(dirname):
-        raise ValueError(
-            f"Dataset {name!r} is already registered with dirname {registered!r}, not {dirname!r}."
+    if dataset_name in EMBEDDED_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
+        register_embedded_dataset(embedded_root)
+    if dataset_name in BCCD_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
+        register_bccd()
+    if dataset_name not in DatasetCatalog.list():
+        import detectron2.data.datasets  # noqa: F401  (registers Detectron2's builtin names)
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(
+            f"Dataset {dataset_name!r} is not registered. Known: "
+            f"{', '.join(sorted(DatasetCatalog.list()))}"
         )
-    return True
+    return DatasetCatalog.get(dataset_name)
+
+
+def dataset_images(dataset_name: str, *, embedded_root: str | None = None):
+    """(image id, file name) pairs of a registered Detectron2 dataset, in its order.
+
+    The embedded dataset's names (``ohem_toy_*``) are registered first if needed.
+    """
+    records = registered_dataset_dicts(dataset_name, embedded_root=embedded_root)
+    return [(str(r["image_id"]), r["file_name"]) for r in records]

@@ -12,9 +12,9 @@ from ..data.embedded import (
     EMBEDDED_DATASET_NAMES,
     default_embedded_root,
     embedded_proposal_file,
-    generate_embedded_dataset,
     register_embedded_dataset,
 )
+from ..proposals.embedded import generate_embedded_dataset
 
 
 def register_project_datasets():

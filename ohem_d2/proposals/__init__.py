@@ -1,19 +1,19 @@
-"""Proposal generators that run offline, before training (selective search)."""
+"""Proposals made offline, before training: selective search, the embedded dataset with its
+proposals, and conversion of released proposal files. Reads and writes files through
+:mod:`ohem_d2.data`; nothing below imports this package."""
 
-from .selective_search import (
-    DEFAULT_MIN_SIZE,
-    MODES,
-    SelectiveSearchRun,
-    compute_proposal_file,
-    dataset_images,
-    selective_search_boxes,
-)
+from .bccd import BCCD_MIN_SIZE, compute_bccd_proposals
+from .compute import SelectiveSearchRun, compute_proposal_file
+from .embedded import generate_embedded_dataset
+from .search import DEFAULT_MIN_SIZE, MODES, selective_search_boxes
 
 __all__ = [
+    "BCCD_MIN_SIZE",
     "DEFAULT_MIN_SIZE",
     "MODES",
     "SelectiveSearchRun",
+    "compute_bccd_proposals",
     "compute_proposal_file",
-    "dataset_images",
+    "generate_embedded_dataset",
     "selective_search_boxes",
 ]

@@ -41,7 +41,6 @@ resized images: conversion refuses it unless ``clip_far_outside`` is set.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from detectron2.structures import BoxMode
 
+from ..data.catalog import registered_dataset_dicts
 from ..data.proposal_io import (
     ProposalFileError,
     clean_boxes,
@@ -58,6 +58,7 @@ from ..data.proposal_io import (
     save_proposals_npz,
 )
 from ..proposal_rules import rank_scores
+from .cli import add_output_arguments, parse_command
 
 __all__ = [
     "SOURCES",
@@ -66,10 +67,7 @@ __all__ = [
     "convert_fast_rcnn_mat",
     "main",
     "read_fast_rcnn_mat",
-    "registered_dataset_dicts",
 ]
-
-logger = logging.getLogger(__name__)
 
 SOURCES = ("fast-rcnn-mat", "detectron-pkl")
 
@@ -409,29 +407,7 @@ def convert_detectron_pickle(
 # ----------------------------------------------------------------------------- CLI
 
 
-def registered_dataset_dicts(dataset_name: str, *, embedded_root: str | None = None) -> list[dict]:
-    """The records of a registered Detectron2 dataset (the project's own names, ``ohem_toy_*``
-    and ``bccd_*``, are registered first if they are not yet)."""
-    from detectron2.data import DatasetCatalog
-
-    from ohem_d2.data.bccd import BCCD_DATASET_NAMES, register_bccd
-    from ohem_d2.data.embedded import EMBEDDED_DATASET_NAMES, register_embedded_dataset
-
-    if dataset_name in EMBEDDED_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
-        register_embedded_dataset(embedded_root)
-    if dataset_name in BCCD_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
-        register_bccd()
-    if dataset_name not in DatasetCatalog.list():
-        import detectron2.data.datasets  # noqa: F401  (registers Detectron2's builtin names)
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(
-            f"Dataset {dataset_name!r} is not registered. Known: "
-            f"{', '.join(sorted(DatasetCatalog.list()))}"
-        )
-    return DatasetCatalog.get(dataset_name)
-
-
-def _parse_args(argv):
+def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m ohem_d2.proposals.convert",
         description="Convert Fast R-CNN selective-search .mat files or Detectron/Detectron2 "
@@ -451,20 +427,13 @@ def _parse_args(argv):
         action="store_true",
         help="clip boxes far outside their image instead of refusing the file",
     )
-    parser.add_argument(
-        "--embedded-root",
-        default=None,
-        help="root of the embedded ohem_toy dataset (default $DETECTRON2_DATASETS/ohem_toy)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser.parse_args(argv)
+    add_output_arguments(parser)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if os.path.exists(args.out) and not args.overwrite:
-        print(f"{args.out} exists; pass --overwrite to replace it.", file=sys.stderr)
+    args = parse_command(_parser(), argv)
+    if args is None:
         return 1
     if args.source == "detectron-pkl" and not args.trusted:
         print(
