@@ -84,7 +84,7 @@ def main():
             head = model.roi_heads
             images = model.preprocess_image(inputs)
             features = model.backbone(images.tensor)
-            targets = [x["instances"] for x in inputs]
+            targets = [x["instances"].to(model.device) for x in inputs]
             labelled = head.label_proposals(model.select_proposals(inputs), targets)
             feats = [features[f] for f in head.in_features]
             network = readonly_head(head)

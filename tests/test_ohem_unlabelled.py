@@ -10,6 +10,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from test_ohem_mining import reference_select
 from test_ohem_roi_heads import HEADS, _batch, _build, _cfg, _train_step
 
 from ohem_d2.modeling.ohem import HardExampleMiner, select_hard_examples
@@ -189,18 +190,76 @@ def test_iou_bins():
     ]  # fmt: skip
 
 
-def test_options_off_is_the_paper_selection():
+def _random_batch(g, num_images=3, num_rois=40):
+    """Labelled proposals (K = 2, labels in {-1, 0, 1, 2}), readonly predictions, predictor."""
+    _, _, predictor = _case()
+    proposals = []
+    for i in range(num_images):
+        xy = torch.rand(num_rois, 2, generator=g) * 150
+        props = Instances((200, 200))
+        props.proposal_boxes = Boxes(
+            torch.cat([xy, xy + torch.rand(num_rois, 2, generator=g) * 50 + 2], 1)
+        )
+        props.gt_classes = torch.randint(-1, 3, (num_rois,), generator=g)
+        if i < num_images - 1:
+            jitter = torch.rand(num_rois, 4, generator=g) - 0.5
+            props.gt_boxes = Boxes(props.proposal_boxes.tensor + jitter)
+        else:  # an image without ground truth: no gt_boxes, only background and ignored
+            props.gt_classes[props.gt_classes >= 0] = 2
+        props.index = torch.arange(num_rois)
+        proposals.append(props)
+    scores = torch.randn(num_images * num_rois, 3, generator=g) * 2
+    return proposals, (scores, torch.randn(num_images * num_rois, 8, generator=g) * 0.1), predictor
+
+
+def test_options_off_is_the_paper_selection_and_draws_no_random_numbers():
+    # select() with the defaults against the paper's rule written one RoI at a time
+    # (tests/test_ohem_mining.py: reference_select) on the same per-RoI losses.
     g = torch.Generator().manual_seed(3)
-    proposals, predictions, predictor = _case()
-    for _ in range(5):
-        losses = [torch.rand(len(ROIS), generator=g)]
-        miner = HardExampleMiner(batch_size_per_image=3, nms_thresh=0.5)
-        ((keep, n),) = miner.hard_indices(losses, proposals, 2)
-        ref, ref_n = select_hard_examples(
-            losses[0], proposals[0].proposal_boxes.tensor, proposals[0].gt_classes,
-            batch_size=3, nms_thresh=0.5, nms_per_label=True, background_label=2,
-        )  # fmt: skip
-        assert keep.tolist() == ref.tolist() and n == ref_n
+    for _ in range(10):
+        proposals, predictions, predictor = _random_batch(g)
+        miner = HardExampleMiner(batch_size_per_image=8)
+        losses = miner.scorer.losses(predictor, predictions, proposals)
+        rng = torch.get_rng_state()
+        with EventStorage():
+            hard = miner.select(proposals, predictions, predictor)
+        assert torch.equal(torch.get_rng_state(), rng)
+        for props, loss, h in zip(proposals, losses, hard):
+            expected, _ = reference_select(
+                loss.tolist(), props.proposal_boxes.tensor.tolist(), props.gt_classes.tolist(),
+                batch_size=8, nms_thresh=0.7, nms_per_label=True,
+            )  # fmt: skip
+            assert h.index.tolist() == expected
+
+
+def test_diagnostics_by_hand_on_an_image_without_ground_truth_and_a_hard_set_without_background():
+    # Image 1: the hand case (hard set r1, r2: both background). Image 2: no ground truth, 2
+    # RoIs, both background (IoU 0 by definition), both p(class 0) = 0.8: suspects.
+    proposals, (scores, deltas), predictor = _case()
+    empty = Instances((200, 200))
+    empty.proposal_boxes = Boxes(torch.tensor([[0, 0, 50, 50], [100, 0, 150, 50.0]]))
+    empty.gt_classes = torch.tensor([2, 2])
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.8, 0.1, 0.1]])
+    predictions = (torch.cat([scores, probs.log()]), torch.cat([deltas, torch.zeros(2, 8)]))
+    miner = HardExampleMiner(batch_size_per_image=2, nms_thresh=1.0)
+    with EventStorage() as storage:
+        hard = miner.select([proposals[0], empty], predictions, predictor)
+        scalars = {k: v[0] for k, v in storage.latest().items()}
+    assert hard[1].suspect_bg.tolist() == [True, True]
+    # 4 hard RoIs, all background; IoU 0: r1 and both of image 2 (3 of 4); r2 in [0.3, 0.5).
+    assert scalars["ohem/hard_set/background"] == 1
+    assert scalars["ohem/hard_bg_iou/0"] == 0.75
+    assert scalars["ohem/hard_bg_iou/[0.3,0.5)"] == 0.25
+    # Suspects: r1, and both RoIs of image 2 -> 3 of 4 hard background; 3 / 2 per image.
+    assert scalars["ohem/hard_bg_suspect"] == 0.75
+    assert scalars["ohem/num_suspect_candidates"] == 1.5
+    # A hard set without background: r1 excluded (suspect), of the other background r2, r3,
+    # r4, floor(0.99 * 3) = 2 trimmed (r2, r3); the hardest left is r0 (0.511, foreground).
+    keep, _, scalars = _select(batch_size=1, trim_bg_fraction=0.99, suspect_bg_weight=0.0)
+    assert keep == [0]
+    assert scalars["ohem/hard_set/RBC"] == 1 and scalars["ohem/hard_set/background"] == 0
+    assert all(scalars[f"ohem/hard_bg_iou/{name}"] == 0 for name in IOU_BIN_NAMES)
+    assert scalars["ohem/hard_bg_suspect"] == 0
 
 
 @pytest.mark.parametrize(

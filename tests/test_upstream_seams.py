@@ -207,7 +207,7 @@ _TRAINER_CHANGES = {
 }
 
 
-def test_trainer_init_is_default_trainer_init_with_two_changes():
+def test_trainer_init_is_default_trainer_init_with_three_changes():
     """Trainer.__init__ (ohem_d2/engine/trainer.py) restates DefaultTrainer.__init__, which
     has no seam for DDP's device_ids or the checkpointer's class. When Detectron2 changes
     DefaultTrainer.__init__, make Trainer.__init__ do what the new one does (with the same
@@ -233,3 +233,30 @@ def test_create_ddp_model_passes_the_given_device_ids(monkeypatch):
     )
     d2_defaults.create_ddp_model(torch.nn.Linear(1, 1), broadcast_buffers=False, device_ids=None)
     assert wrapped == [{"broadcast_buffers": False, "device_ids": None}]
+
+
+@pytest.mark.parametrize(
+    "cls_name, method, params",
+    [
+        ("ROIHeads", "_sample_proposals", ["matched_idxs", "matched_labels", "gt_classes"]),
+        ("ROIHeads", "label_and_sample_proposals", ["proposals", "targets"]),
+        ("CascadeROIHeads", "_run_stage", ["features", "proposals", "stage"]),
+        ("CascadeROIHeads", "_create_proposals_from_boxes", ["boxes", "image_sizes"]),
+        ("CascadeROIHeads", "_match_and_label_boxes", ["proposals", "stage", "targets"]),
+        ("StandardROIHeads", "_forward_mask", ["features", "instances"]),
+        ("StandardROIHeads", "_forward_keypoint", ["features", "instances"]),
+    ],
+)
+def test_roi_head_hooks_the_ohem_heads_call(cls_name, method, params):
+    # ohem_d2/modeling/ohem/{labelling,roi_heads}.py override or call these Detectron2
+    # ROI-head methods by name; if one is renamed or takes other arguments, re-check them.
+    from detectron2.modeling import roi_heads
+
+    function = getattr(getattr(roi_heads, cls_name), method, None)
+    assert function is not None, f"Detectron2's {cls_name}.{method} is gone"
+    got = list(inspect.signature(function).parameters)[1:]
+    assert got == params, f"Detectron2's {cls_name}.{method} now takes {got}, not {params}"
+    if method == "_sample_proposals":
+        # label_and_sample_proposals must still go through the hook OHEM replaces.
+        source = inspect.getsource(roi_heads.ROIHeads.label_and_sample_proposals)
+        assert "self._sample_proposals(" in source

@@ -8,7 +8,7 @@ from .fast_readonly import LowRankReadonly, build_readonly_approximation
 from .labelling import ProposalLabeller, label_without_sampling
 from .miner import HardExampleMiner
 from .mining import select_hard_examples
-from .readonly_head import ReadonlyHead, readonly_head
+from .readonly_net import ReadonlyHead, readonly_head
 from .roi_heads import OHEMCascadeROIHeads, OHEMHeadMixin, OHEMRes5ROIHeads, OHEMROIHeads
 from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_losses, readonly_mode
 

@@ -37,12 +37,16 @@ def iou_bin(ious: torch.Tensor) -> torch.Tensor:
 def log_mining(proposals, losses, hard, hard_losses, num_after_nms, suspects, background, names):
     """Log one batch's mining.
 
+    ``ohem/num_candidates`` and ``ohem/mean_loss_all`` describe the labelled candidates as
+    the matcher made them, before any option removes suspects.
+
     Args:
         proposals: N Instances, the labelled candidates; ``losses`` their (Ri,) losses.
         hard: N Instances, the hard sets (with ``suspect_bg``); ``hard_losses`` their losses.
         num_after_nms: per image, the candidates left after the NMS.
         suspects: per image, (Ri,) bool, the suspect background candidates.
-        background: the background label K; ``names``: the K class names, or None.
+        background: the background label K; ``names``: the K class names, or None
+            ("class<k>"; also when their number is not K).
     """
     storage = get_event_storage()
     candidate = torch.cat([p.gt_classes for p in proposals]) >= 0
@@ -57,19 +61,22 @@ def log_mining(proposals, losses, hard, hard_losses, num_after_nms, suspects, ba
     storage.put_scalar("ohem/mean_loss_all", _mean(candidate_losses))
     storage.put_scalar("ohem/mean_loss_hard", _mean(hard_losses))
 
-    names = names or [f"class{k}" for k in range(background)]
+    # One bincount (one device sync) per histogram: this runs every iteration.
+    counts = torch.bincount(labels, minlength=background + 1).tolist()
+    if names is None or len(names) != background:
+        names = [f"class{k}" for k in range(background)]
     for k, name in enumerate(list(names) + ["background"]):
-        storage.put_scalar(f"ohem/hard_set/{name}", int((labels == k).sum()) / total)
+        storage.put_scalar(f"ohem/hard_set/{name}", counts[k] / total)
     is_bg = labels == background
-    num_bg = max(int(is_bg.sum()), 1)
+    num_bg = max(counts[background], 1)
     bins = iou_bin(torch.cat([nearest_gt_iou(h) for h in hard])[is_bg])
-    for k, name in enumerate(IOU_BIN_NAMES):
-        storage.put_scalar(f"ohem/hard_bg_iou/{name}", int((bins == k).sum()) / num_bg)
+    bin_counts = torch.bincount(bins, minlength=len(IOU_BIN_NAMES)).tolist()
+    for name, count in zip(IOU_BIN_NAMES, bin_counts):
+        storage.put_scalar(f"ohem/hard_bg_iou/{name}", count / num_bg)
     hard_suspects = int(torch.cat([h.suspect_bg for h in hard]).sum())
     storage.put_scalar("ohem/hard_bg_suspect", hard_suspects / num_bg)
-    storage.put_scalar(
-        "ohem/num_suspect_candidates", sum(int(s.sum()) for s in suspects) / num_images
-    )
+    num_suspects = int(sum(s.sum() for s in suspects)) if suspects else 0
+    storage.put_scalar("ohem/num_suspect_candidates", num_suspects / num_images)
 
 
 def _mean(values: torch.Tensor) -> float:

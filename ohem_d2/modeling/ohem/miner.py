@@ -16,7 +16,7 @@ from torch import nn
 from .diagnostics import log_mining, nearest_gt_iou
 from .fast_readonly import build_readonly_approximation
 from .mining import select_hard_examples
-from .readonly_head import ReadonlyHead
+from .readonly_net import ReadonlyHead
 from .scoring import Approximation, Predictions, ReadonlyScorer
 from .settings import check_ohem_config, check_settings
 
@@ -163,7 +163,7 @@ class HardExampleMiner:
         Args:
             proposals: as in ``__call__``.
             predictions: the readonly scores and deltas of all RoIs of ``proposals``.
-            box_predictor: as in ``__call__``.
+            box_predictor: the predictor that made them (its loss settings define the loss).
 
         Returns:
             N Instances, the hard subsets of ``proposals`` (hardest first).

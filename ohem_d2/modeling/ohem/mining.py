@@ -1,6 +1,8 @@
 """The hard-RoI selection rule of OHEM (Shrivastava et al., CVPR 2016, Sec. 4), for one image.
 
-A pure function: per-RoI losses, boxes and labels in, kept indices out. No cfg, no logging.
+A function of its inputs alone: per-RoI losses, boxes and labels in, kept indices out. No
+cfg, no logging, no state; deterministic except the optional easy-background draw (beyond the
+paper), which uses torch's default random generator of the labels' device.
 """
 
 import math
@@ -55,8 +57,9 @@ def select_hard_examples(
             skipped: the very hardest "negatives" are the likeliest unlabelled objects.
         num_easy_bg: beyond the paper (0: off). Only ``batch_size - num_easy_bg`` RoIs are
             chosen by hardness; up to ``num_easy_bg`` more are drawn uniformly at random (torch's
-            global RNG) from the background candidates neither chosen nor trimmed, before
-            the NMS, as FRCN's sampler draws its background.
+            default generator of the device) from the background candidates neither chosen
+            nor trimmed, before the NMS, as FRCN's sampler draws its background; so with
+            ``trim_bg_fraction`` too, a trimmed RoI's near-duplicates can be drawn.
 
     Returns:
         keep: (B',) int64 indices into the R RoIs, hardest first (then the random easy

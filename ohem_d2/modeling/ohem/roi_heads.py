@@ -26,7 +26,7 @@ from torch import nn
 
 from .labelling import label_without_sampling
 from .miner import HardExampleMiner
-from .readonly_head import readonly_head
+from .readonly_net import readonly_head
 from .scoring import check_box_predictor_supported
 
 __all__ = ["OHEMCascadeROIHeads", "OHEMHeadMixin", "OHEMROIHeads", "OHEMRes5ROIHeads"]
