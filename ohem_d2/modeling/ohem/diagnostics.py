@@ -34,7 +34,9 @@ def iou_bin(ious: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_mining(proposals, losses, hard, hard_losses, num_after_nms, suspects, background, names):
+def log_mining(
+    proposals, losses, hard, hard_losses, hard_ious, num_after_nms, suspects, background, names
+):
     """Log one batch's mining.
 
     ``ohem/num_candidates`` and ``ohem/mean_loss_all`` describe the labelled candidates as
@@ -42,7 +44,8 @@ def log_mining(proposals, losses, hard, hard_losses, num_after_nms, suspects, ba
 
     Args:
         proposals: N Instances, the labelled candidates; ``losses`` their (Ri,) losses.
-        hard: N Instances, the hard sets (with ``suspect_bg``); ``hard_losses`` their losses.
+        hard: N Instances, the hard sets (with ``suspect_bg``); ``hard_losses`` their losses
+            and ``hard_ious`` their IoUs with the nearest ground truth.
         num_after_nms: per image, the candidates left after the NMS.
         suspects: per image, (Ri,) bool, the suspect background candidates.
         background: the background label K; ``names``: the K class names, or None
@@ -69,7 +72,7 @@ def log_mining(proposals, losses, hard, hard_losses, num_after_nms, suspects, ba
         storage.put_scalar(f"ohem/hard_set/{name}", counts[k] / total)
     is_bg = labels == background
     num_bg = max(counts[background], 1)
-    bins = iou_bin(torch.cat([nearest_gt_iou(h) for h in hard])[is_bg])
+    bins = iou_bin(torch.cat(hard_ious)[is_bg])
     bin_counts = torch.bincount(bins, minlength=len(IOU_BIN_NAMES)).tolist()
     for name, count in zip(IOU_BIN_NAMES, bin_counts):
         storage.put_scalar(f"ohem/hard_bg_iou/{name}", count / num_bg)

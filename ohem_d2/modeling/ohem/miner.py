@@ -170,7 +170,9 @@ class HardExampleMiner:
         """
         losses = self.scorer.losses(box_predictor, predictions, proposals)
         background = box_predictor.num_classes
-        suspects = self.suspect_background(proposals, predictions, box_predictor)
+        # Each RoI's IoU with its nearest ground truth, once: for the suspects and the logs.
+        ious = [nearest_gt_iou(p) for p in proposals]
+        suspects = self.suspect_background(proposals, predictions, box_predictor, ious)
         ranking_losses, ranking_labels = self.ranking(losses, suspects, proposals)
         kept = self.hard_indices(ranking_losses, proposals, background, ranking_labels)
         hard = []
@@ -178,28 +180,33 @@ class HardExampleMiner:
             hard.append(props[keep])
             hard[-1].suspect_bg = suspect[keep]
         hard_losses = [loss[keep] for loss, (keep, _) in zip(losses, kept)]
+        hard_ious = [iou[keep] for iou, (keep, _) in zip(ious, kept)]
         num_after_nms = [n_nms for _, n_nms in kept]
         log_mining(
-            proposals, losses, hard, hard_losses, num_after_nms, suspects, background,
-            self.class_names,
+            proposals, losses, hard, hard_losses, hard_ious, num_after_nms, suspects,
+            background, self.class_names,
         )  # fmt: skip
         return hard
 
-    def suspect_background(self, proposals, predictions, box_predictor) -> list[torch.Tensor]:
+    def suspect_background(
+        self, proposals, predictions, box_predictor, ious=None
+    ) -> list[torch.Tensor]:
         """Per image, (Ri,) bool: the background candidates that look like unlabelled objects.
 
         A suspect is labelled background, has IoU < ``suspect_bg_max_iou`` with every
         ground-truth box, and the readonly pass gives some object class a probability
-        >= ``suspect_bg_score``.
+        >= ``suspect_bg_score``. ``ious``: per image, :func:`nearest_gt_iou`, if at hand.
         """
         background = box_predictor.num_classes
         probs = box_predictor.predict_probs(predictions, proposals)
+        if ious is None:
+            ious = [nearest_gt_iou(p) for p in proposals]
         suspects = []
-        for props, prob in zip(proposals, probs):
+        for props, prob, iou in zip(proposals, probs, ious):
             object_prob = prob[:, :background].max(dim=1).values
             suspects.append(
                 (props.gt_classes == background)
-                & (nearest_gt_iou(props) < self.suspect_bg_max_iou)
+                & (iou < self.suspect_bg_max_iou)
                 & (object_prob >= self.suspect_bg_score)
             )
         return suspects
