@@ -52,15 +52,24 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _proposal_files(dataset):
+# --holdout: train on BCCD's own train split, evaluate on its val split (both parts of
+# trainval), to choose settings without looking at bccd_test.
+HOLDOUT_SPLITS = ("train", "val")
+
+
+def _proposal_files(dataset, splits=("trainval", "test")):
     if dataset == "bccd":
         from .data.bccd import bccd_proposal_file as proposal_file
     else:
         from .data.embedded import embedded_proposal_file as proposal_file
-    return (proposal_file(None, "trainval"),), (proposal_file(None, "test"),)
+    return (proposal_file(None, splits[0]),), (proposal_file(None, splits[1]),)
 
 
-def build_demo_cfg(dataset, method, output_dir, iters, seed, device, ohem_opts=()):
+def build_demo_cfg(
+    dataset, method, output_dir, iters, seed, device, ohem_opts=(), *, opts=(), holdout=False
+):
+    """The config of one demo run: `opts` apply to every method, `ohem_opts` to OHEM only;
+    `holdout` trains on bccd_train and evaluates on bccd_val."""
     from detectron2.config import get_cfg
 
     from .config import add_ohem_config
@@ -69,8 +78,18 @@ def build_demo_cfg(dataset, method, output_dir, iters, seed, device, ohem_opts=(
     cfg = get_cfg()
     add_ohem_config(cfg)
     merge_config_file(cfg, _config_path(dataset, method))
+    splits = ("trainval", "test")
+    if holdout:
+        if dataset != "bccd":
+            raise ValueError("--holdout needs --dataset bccd (its train / val split)")
+        splits = HOLDOUT_SPLITS
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (f"bccd_{splits[0]}",), (f"bccd_{splits[1]}",)
     # The datasets live under $DETECTRON2_DATASETS (default ./datasets).
-    cfg.DATASETS.PROPOSAL_FILES_TRAIN, cfg.DATASETS.PROPOSAL_FILES_TEST = _proposal_files(dataset)
+    cfg.DATASETS.PROPOSAL_FILES_TRAIN, cfg.DATASETS.PROPOSAL_FILES_TEST = _proposal_files(
+        dataset, splits
+    )
+    # Before the schedule is derived, so that SOLVER.MAX_ITER / STEPS given here count.
+    cfg.merge_from_list(list(opts))
     base_iters = cfg.SOLVER.MAX_ITER
     cfg.SOLVER.MAX_ITER = iters
     # Keep the step at the same fraction of the schedule.
@@ -165,7 +184,9 @@ def _flat_results(storage):
     return {k: v for k, (v, _) in storage.latest().items()}
 
 
-def run_one(dataset, method, output_dir, iters, seed, device, ohem_opts=()):
+def run_one(
+    dataset, method, output_dir, iters, seed, device, ohem_opts=(), *, opts=(), holdout=False
+):
     """Train and evaluate one method in this process; write <output_dir>/<method>/summary.json."""
     import torch
     from detectron2.utils.env import seed_all_rng
@@ -174,7 +195,9 @@ def run_one(dataset, method, output_dir, iters, seed, device, ohem_opts=()):
     from .engine import Trainer, register_project_datasets
     from .engine.hooks import HardExampleSnapshot, RoILossProbe, TrainingProgress
 
-    cfg = build_demo_cfg(dataset, method, output_dir, iters, seed, device, ohem_opts)
+    cfg = build_demo_cfg(
+        dataset, method, output_dir, iters, seed, device, ohem_opts, opts=opts, holdout=holdout
+    )
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     # Detectron2's full log goes to <method>/log.txt; the terminal gets a progress bar.
     setup_logger(cfg.OUTPUT_DIR, configure_stdout=False)
@@ -222,6 +245,9 @@ def run_one(dataset, method, output_dir, iters, seed, device, ohem_opts=()):
         "iterations": iters,
         "seed": seed,
         "ohem_opts": list(ohem_opts) if method == "ohem" else [],
+        "opts": list(opts),
+        "train_datasets": list(cfg.DATASETS.TRAIN),
+        "test_datasets": list(cfg.DATASETS.TEST),
         "device": cfg.MODEL.DEVICE,
         "init_weights_sha256": init_digest,
         "voc_AP50_11point": results["voc_bbox/mAP50_11point"],
@@ -404,10 +430,27 @@ def main(argv=None):
         help="config overrides of the OHEM run only, "
         "e.g. MODEL.ROI_HEADS.OHEM.EASY_BG_FRACTION 0.25",
     )
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides of every method's run, e.g. SOLVER.BASE_LR 0.01",
+    )
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help="train on bccd_train, evaluate on bccd_val (BCCD's own split of trainval): "
+        "for choosing settings without looking at bccd_test",
+    )
     parser.add_argument("--run", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if len(args.ohem_opts) % 2:
         parser.error("--ohem-opts takes KEY VALUE pairs")
+    if len(args.opts) % 2:
+        parser.error("--opts takes KEY VALUE pairs")
+    if args.holdout and args.dataset != "bccd":
+        parser.error("--holdout needs --dataset bccd (its train / val split)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("ohem_d2.demo")
     args.device = args.device or default_device()
@@ -431,11 +474,22 @@ def main(argv=None):
             args.seed,
             args.device,
             args.ohem_opts,
+            opts=args.opts,
+            holdout=args.holdout,
         )
         return 0
 
     start = time.time()
-    cfg = build_demo_cfg(args.dataset, "frcn", args.output_dir, args.iters, args.seed, args.device)
+    cfg = build_demo_cfg(
+        args.dataset,
+        "frcn",
+        args.output_dir,
+        args.iters,
+        args.seed,
+        args.device,
+        opts=args.opts,
+        holdout=args.holdout,
+    )
     prepare_dataset(args.dataset, cfg)
     summaries = []
     for method in args.methods:
@@ -445,6 +499,10 @@ def main(argv=None):
         cmd += ["--seed", str(args.seed), "--device", args.device]
         if args.ohem_opts:
             cmd += ["--ohem-opts", *args.ohem_opts]
+        if args.opts:
+            cmd += ["--opts", *args.opts]
+        if args.holdout:
+            cmd.append("--holdout")
         subprocess.run(cmd, check=True)
         with open(os.path.join(args.output_dir, method, "summary.json")) as f:
             summaries.append(json.load(f))
@@ -463,6 +521,7 @@ def main(argv=None):
     title = (
         f"{DATASETS[args.dataset]} ({cfg.DATASETS.TEST[0]}), narrow VGG16, {args.iters} "
         f"iterations, seed {args.seed}"
+        + (f", {' '.join(args.opts)}" if args.opts else "")
         + (f", OHEM with {' '.join(args.ohem_opts)}" if args.ohem_opts else "")
         + ":"
     )

@@ -2,7 +2,9 @@
 
 364 JPEGs of 640 x 480 in PASCAL VOC layout under ``datasets/bccd/`` (MIT licence, see its
 ``LICENSE`` and ``README.upstream.md``), registered as ``bccd_trainval`` (292 images) and
-``bccd_test`` (72) from its ``ImageSets/Main``.
+``bccd_test`` (72) from its ``ImageSets/Main``. The dataset's own split of trainval into
+``train`` (205) and ``val`` (87) is registered too, as ``bccd_train`` and ``bccd_val``: a
+held-out set on which settings can be chosen without looking at ``bccd_test``.
 
 Its annotations have two known faults, handled as bad input is handled in this project:
 counted and named in the log, dropped from what the model trains and is evaluated on, the
@@ -28,6 +30,7 @@ from .registration import is_registered_for
 __all__ = [
     "BCCD_CLASS_NAMES",
     "BCCD_DATASET_NAMES",
+    "BCCD_PROPOSAL_SPLITS",
     "DUPLICATE_IOU",
     "AnnotationCleaning",
     "bccd_proposal_file",
@@ -40,7 +43,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BCCD_CLASS_NAMES = ("RBC", "WBC", "Platelets")
-BCCD_DATASET_NAMES = {"bccd_trainval": "trainval", "bccd_test": "test"}
+BCCD_DATASET_NAMES = {
+    "bccd_trainval": "trainval",
+    "bccd_test": "test",
+    "bccd_train": "train",
+    "bccd_val": "val",
+}
+# The shipped proposal file of each split: train and val are parts of trainval, whose file
+# holds their images too.
+BCCD_PROPOSAL_SPLITS = {
+    "trainval": "trainval",
+    "test": "test",
+    "train": "trainval",
+    "val": "trainval",
+}
 # The duplicated cells of BCCD are offset by 2-6 px (IoU 0.83-0.93); two distinct cells of
 # the same class never overlap that much in it (the next highest same-class IoU is 0.60).
 DUPLICATE_IOU = 0.8
@@ -58,11 +74,12 @@ def default_bccd_root() -> str:
 
 
 def bccd_proposal_file(root: str | None, split: str) -> str:
-    """Path of the shipped selective-search ``.npz`` of a split ("trainval" or "test")."""
-    if split not in BCCD_DATASET_NAMES.values():
-        raise ValueError(f"split must be 'trainval' or 'test', got {split!r}")
+    """Path of the shipped selective-search ``.npz`` that holds a split's images ("trainval"
+    or "test"; "train" and "val" are in trainval's)."""
+    if split not in BCCD_PROPOSAL_SPLITS:
+        raise ValueError(f"split must be one of {sorted(BCCD_PROPOSAL_SPLITS)}, got {split!r}")
     root = default_bccd_root() if root is None else root
-    return os.path.join(root, "proposals", f"ss_bccd_{split}.npz")
+    return os.path.join(root, "proposals", f"ss_bccd_{BCCD_PROPOSAL_SPLITS[split]}.npz")
 
 
 class AnnotationCleaning:
@@ -144,7 +161,8 @@ def load_bccd_instances(dirname: str, split: str, dataset_name: str) -> list[dic
 
 
 def register_bccd(root: str | None = None) -> tuple[str, ...]:
-    """Register ``bccd_trainval`` and ``bccd_test`` (VOC layout, VOC2007 11-point metric).
+    """Register ``bccd_trainval``, ``bccd_test``, ``bccd_train`` and ``bccd_val`` (VOC layout,
+    VOC2007 11-point metric).
 
     Idempotent for the same root.
 
