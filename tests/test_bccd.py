@@ -121,3 +121,28 @@ def test_shipped_proposals_cover_every_image_and_the_generator_reproduces_them(b
         path = os.path.join(ROOT, "JPEGImages", f"{shipped.ids[k]}.jpg")
         boxes = selective_search_boxes(cv2.imread(path), mode="fast", min_size=BCCD_MIN_SIZE)
         np.testing.assert_array_equal(boxes, shipped.boxes[k])
+
+
+def test_held_out_split_is_the_datasets_own_partition_of_trainval(bccd):
+    # BCCD's ImageSets/Main/{train,val}.txt: 205 + 87 images, together exactly trainval.
+    train, val = DatasetCatalog.get("bccd_train"), DatasetCatalog.get("bccd_val")
+    ids = {
+        name: [r["image_id"] for r in records]
+        for name, records in (("train", train), ("val", val), ("trainval", bccd["bccd_trainval"]))
+    }
+    assert (len(ids["train"]), len(ids["val"])) == (205, 87)
+    assert not set(ids["train"]) & set(ids["val"])
+    assert set(ids["train"]) | set(ids["val"]) == set(ids["trainval"])
+    assert not set(ids["val"]) & {r["image_id"] for r in bccd["bccd_test"]}
+    with open(os.path.join(ROOT, "ImageSets", "Main", "val.txt")) as f:
+        assert ids["val"] == f.read().split()
+    # Same cleaning as trainval, image by image (its 9 dropped boxes fall in one or the other).
+    by_id = {r["image_id"]: r["annotations"] for r in bccd["bccd_trainval"]}
+    for record in train + val:
+        assert record["annotations"] == by_id[record["image_id"]]
+    # Both read their proposals from trainval's shipped file, which holds every one of them.
+    assert bccd_proposal_file(None, "val") == bccd_proposal_file(None, "trainval")
+    shipped = set(read_proposal_file(bccd_proposal_file(None, "train")).ids)
+    assert set(ids["train"]) | set(ids["val"]) <= shipped
+    with pytest.raises(ValueError, match="split must be one of"):
+        bccd_proposal_file(None, "validation")

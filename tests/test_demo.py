@@ -95,3 +95,24 @@ def test_bccd_demo_compares_both_methods_from_the_same_start(tmp_path):
     picture = cv2.imread(str(out / "detections.png"))
     assert picture.shape[:2] == (3 * 484, 2 * 644)
     assert cv2.imread(str(out / "ohem" / "hard_examples_iter00002.png")) is not None
+
+
+def test_holdout_trains_on_bccd_train_and_evaluates_on_bccd_val():
+    from ohem_d2.data.bccd import bccd_proposal_file
+    from ohem_d2.demo import build_demo_cfg, main
+
+    cfg = build_demo_cfg(
+        "bccd", "ohem", "out", 450, 1, "cpu", opts=["SOLVER.BASE_LR", "0.01"], holdout=True
+    )
+    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (("bccd_train",), ("bccd_val",))
+    trainval = bccd_proposal_file(None, "trainval")
+    assert cfg.DATASETS.PROPOSAL_FILES_TRAIN == cfg.DATASETS.PROPOSAL_FILES_TEST == (trainval,)
+    assert cfg.SOLVER.BASE_LR == 0.01 and cfg.SEED == 1
+    default = build_demo_cfg("bccd", "frcn", "out", 450, 0, "cpu")
+    assert (default.DATASETS.TRAIN, default.DATASETS.TEST) == (("bccd_trainval",), ("bccd_test",))
+    assert default.SOLVER.BASE_LR == 0.02
+    with pytest.raises(ValueError, match="--holdout needs --dataset bccd"):
+        build_demo_cfg("toy", "frcn", "out", 10, 0, "cpu", holdout=True)
+    for argv in (["--dataset", "toy", "--holdout"], ["--opts", "SOLVER.BASE_LR"]):
+        with pytest.raises(SystemExit):
+            main(argv)
