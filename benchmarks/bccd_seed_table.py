@@ -2,7 +2,8 @@
 
     python benchmarks/bccd_seed_table.py output/demo_seed0 output/demo_seed1 output/demo_seed2
 
-Each folder is the --output-dir of one `python -m ohem_d2.demo --seed S` run. Prints a
+Each folder is the --output-dir of one `python -m ohem_d2.demo --seed S` run (or
+FRCN_DIR:OHEM_DIR, the two --output-dirs of one seed's `--methods frcn` and `--methods ohem`). Prints a
 Markdown table: per seed and method the all-point and 11-point mAP50, per-class AP50, COCO
 AP / AP50 / AP75, the final all-RoI loss (fg + bg) and s/iter; then the mean and the spread
 (max - min) over the seeds, and OHEM - FRCN per seed.
@@ -40,8 +41,18 @@ def _fmt(value, name):
 def main(dirs):
     runs = []
     for d in dirs:
-        with open(os.path.join(d, "summary.json")) as f:
-            runs.append({s["method"]: s for s in json.load(f)})
+        # DIR, or FRCN_DIR:OHEM_DIR when the two methods of a seed ran separately
+        # (`--methods frcn` / `--methods ohem`): each method's own <dir>/<method>/summary.json.
+        run = {}
+        for folder in d.split(":"):
+            for method in ("frcn", "ohem"):
+                path = os.path.join(folder, method, "summary.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        run[method] = json.load(f)
+        assert set(run) == {"frcn", "ohem"}, f"{d}: both methods' summaries are needed"
+        assert run["frcn"]["seed"] == run["ohem"]["seed"], d
+        runs.append(run)
     head = "| seed | method | " + " | ".join(n for n, _ in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
     for run in runs:
