@@ -50,7 +50,7 @@ def baseline_rows(path=BASELINE):
     with open(path) as f:
         inside = False
         for line in f:
-            if line.startswith("## "):
+            if line.startswith("#"):  # the section's first table ends at the next heading
                 if inside:
                     break
                 inside = line.startswith(BASELINE_SECTION)
