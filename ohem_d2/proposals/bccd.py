@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..data.bccd import bccd_proposal_file
+from ..data.bccd import BCCD_PROPOSAL_SPLITS, bccd_proposal_file
 from ..data.catalog import dataset_images
 from .compute import compute_proposal_file
 
@@ -29,8 +29,9 @@ def compute_bccd_proposals(*, missing_only: bool = True, progress: bool = True) 
         The files computed by this call.
     """
     computed = []
-    # One file per shipped split; bccd_train and bccd_val are read from trainval's.
-    for name, split in (("bccd_trainval", "trainval"), ("bccd_test", "test")):
+    # One file per split that has its own (bccd_train and bccd_val are read from trainval's).
+    for split in sorted(set(BCCD_PROPOSAL_SPLITS.values())):
+        name = f"bccd_{split}"
         out = bccd_proposal_file(None, split)
         if missing_only and os.path.exists(out):
             continue
