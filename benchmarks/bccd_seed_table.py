@@ -3,7 +3,8 @@
     python benchmarks/bccd_seed_table.py output/demo_seed0 output/demo_seed1 output/demo_seed2
 
 Each folder is the --output-dir of one `python -m ohem_d2.demo --seed S` run (or
-FRCN_DIR:OHEM_DIR, the two --output-dirs of one seed's `--methods frcn` and `--methods ohem`).
+FRCN_DIR:OHEM_DIR, the two --output-dirs of one seed's `--methods frcn` and `--methods ohem`;
+where two folders hold the same method, the later one's summary counts).
 Prints a Markdown table: per seed and method the all-point and 11-point mAP50, per-class AP50, COCO
 AP / AP50 / AP75, the final all-RoI loss (fg + bg) and s/iter; then the mean and the spread
 (max - min) over the seeds, and OHEM - FRCN per seed.

@@ -6,6 +6,12 @@ Loads the demo's two final models (<run-dir>/{frcn,ohem}/model_final.pth), label
 the first `--images` training images that contain a platelet, and counts per class (and
 background) the RoIs among ALL RoIs, in FRCN's sampled minibatch (its own sampler) and in
 OHEM's hard set (its own miner, readonly pass as in training). Prints a Markdown table.
+
+    python benchmarks/hard_set_composition.py --run-dir output/demo \
+        --ohem-run-dir output/test_cls_s0 --ohem-opts MODEL.ROI_HEADS.OHEM.HARDNESS cls
+
+takes OHEM's model from another run (a `--methods ohem` run of a variant) and mines with that
+run's options, so the variant's hard set is the one counted.
 """
 
 import argparse
@@ -31,13 +37,21 @@ def main():
     parser.add_argument("--run-dir", default="output/demo")
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ohem-run-dir", default=None, help="OHEM's run (default: --run-dir)")
+    parser.add_argument(
+        "--ohem-opts", nargs="*", default=[], help="KEY VALUE pairs of that run's OHEM options"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     register_project_datasets()
     counts, called = {}, {}
     for method in ("frcn", "ohem"):
-        cfg = build_demo_cfg("bccd", method, args.run_dir, 450, 0, "cpu")
+        if method == "ohem":
+            run_dir, ohem_opts = args.ohem_run_dir or args.run_dir, args.ohem_opts
+        else:
+            run_dir, ohem_opts = args.run_dir, []
+        cfg = build_demo_cfg("bccd", method, run_dir, 450, 0, "cpu", ohem_opts)
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
         model.train()

@@ -1,0 +1,93 @@
+"""Re-evaluate the demo's final models with other caps on the detections kept per image.
+
+    python benchmarks/detection_cap.py --caps 100 300 --runs output/demo \\
+        output/test_frcn_s1:output/test_ohem_s1 output/test_frcn_s2:output/test_ohem_s2
+
+Each run is an --output-dir of `python -m ohem_d2.demo` (or FRCN_DIR:OHEM_DIR, as in
+bccd_seed_table.py). For every method's model_final.pth it evaluates bccd_test again (COCO
+and VOC, the demo's evaluators) with `TEST.DETECTIONS_PER_IMAGE` set to each cap, and prints
+all-point mAP50, Platelets AP50 and COCO AP per cap. Nothing is trained; the evaluation
+output goes to a temporary folder, so the runs' own files are left as they are.
+
+This is a diagnostic of the evaluation, not a setting to adopt: the paper and Detectron2
+keep 100 detections per image, and the demo keeps them too.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ohem_d2.demo import build_demo_cfg  # noqa: E402
+from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
+from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+
+
+def _runs(spec):
+    """{method: (run_dir, summary)} of one FRCN_DIR[:OHEM_DIR] argument."""
+    found = {}
+    for folder in spec.split(":"):
+        for method in ("frcn", "ohem"):
+            path = os.path.join(folder, method, "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    found[method] = (folder, json.load(f))
+    return found
+
+
+def evaluate(run_dir, summary, cap):
+    method = summary["method"]
+    cfg = build_demo_cfg(
+        "bccd",
+        method,
+        run_dir,
+        summary["iterations"],
+        summary["seed"],
+        "cpu",
+        summary["ohem_opts"],
+        opts=summary["opts"],
+    )
+    weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    cfg.defrost()
+    cfg.TEST.DETECTIONS_PER_IMAGE = cap
+    cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="detection_cap_")
+    cfg.freeze()
+    model = Trainer.build_model(cfg)
+    SafeDetectionCheckpointer(model).load(weights)
+    results = Trainer.test(cfg, model)
+    results = results[cfg.DATASETS.TEST[0]] if cfg.DATASETS.TEST[0] in results else results
+    return (
+        results["voc_bbox"]["mAP50_allpoint"],
+        results["voc_bbox"]["AP50_allpoint-Platelets"],
+        results["bbox"]["AP"],
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--caps", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--runs", nargs="+", default=["output/demo"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    register_project_datasets()
+    head = "| seed | method | " + " | ".join(
+        f"mAP50 @{c} | Platelets @{c} | COCO AP @{c}" for c in args.caps
+    )
+    lines = [head + " |", "|---" * (2 + 3 * len(args.caps)) + "|"]
+    for spec in args.runs:
+        for method, (run_dir, summary) in sorted(_runs(spec).items()):
+            cells = []
+            for cap in args.caps:
+                cells += [f"{v:.1f}" for v in evaluate(run_dir, summary, cap)]
+            lines.append(f"| {summary['seed']} | {method} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
