@@ -116,3 +116,40 @@ def test_holdout_trains_on_bccd_train_and_evaluates_on_bccd_val():
     for argv in (["--dataset", "toy", "--holdout"], ["--opts", "SOLVER.BASE_LR"]):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+def test_hard_example_pictures_leave_the_trained_model_and_its_random_draws_untouched():
+    """The OHEM pictures mine in train mode mid-training. The BN running statistics they move
+    and the dropout draws they take must be put back, or the evaluated model and the rest of
+    the run would differ from a run without pictures."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ohem_d2.demo import _probe_inputs, build_demo_cfg
+    from ohem_d2.engine import Trainer, register_project_datasets
+    from ohem_d2.engine.hooks import HardExampleSnapshot
+
+    register_project_datasets()
+    cfg = build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu")
+    model = Trainer.build_model(cfg)
+    model.train()
+    inputs = _probe_inputs(cfg, 2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "the demo's backbone has BN layers"
+    before = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+
+    hook = HardExampleSnapshot(inputs, [1], "unused")
+    hook.trainer = SimpleNamespace(model=model, iter=0)
+    hard, targets, _ = hook.mine()
+
+    assert len(hard) == 2 and all(0 < len(h) <= 64 for h in hard)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+    # Control: the same forward without the hook does move the statistics and the RNG.
+    with torch.no_grad():
+        model.backbone(model.preprocess_image(inputs).tensor)
+        torch.nn.functional.dropout(torch.ones(4), 0.5, training=True)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert not torch.equal(rng, torch.get_rng_state())

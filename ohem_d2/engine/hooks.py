@@ -166,13 +166,23 @@ class HardExampleSnapshot(HookBase):
     def mine(self):
         model = _unwrap(self.trainer.model)
         head = model.roi_heads
-        images = model.preprocess_image(self.inputs)
-        features = model.backbone(images.tensor)
-        proposals = model.select_proposals(self.inputs)
-        targets = [x["instances"].to(model.device) for x in self.inputs]
-        # A scratch storage: the miner's diagnostics must not mix into the training step's.
-        with EventStorage(self.trainer.iter):
-            hard = head.mine_hard_examples(features, proposals, targets)
+        # It mines as training does (train mode), so a norm layer's running statistics move
+        # and dropout draws random numbers. Both are put back: the picture must change neither
+        # the model that is trained, saved and evaluated, nor the later steps' random draws.
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        devices = [model.device] if model.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                images = model.preprocess_image(self.inputs)
+                features = model.backbone(images.tensor)
+                proposals = model.select_proposals(self.inputs)
+                targets = [x["instances"].to(model.device) for x in self.inputs]
+                # A scratch storage: the miner's diagnostics must not mix into the step's.
+                with EventStorage(self.trainer.iter):
+                    hard = head.mine_hard_examples(features, proposals, targets)
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
         return hard, targets, head.num_classes
 
     def after_step(self):
