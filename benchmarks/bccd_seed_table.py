@@ -39,18 +39,23 @@ def _fmt(value, name):
     )
 
 
+def load_runs(spec):
+    """{method: (folder, summary)} of one DIR, or FRCN_DIR:OHEM_DIR when the two methods of a
+    seed ran separately (`--methods frcn` / `--methods ohem`): <folder>/<method>/summary.json."""
+    run = {}
+    for folder in spec.split(":"):
+        for method in ("frcn", "ohem"):
+            path = os.path.join(folder, method, "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    run[method] = (folder, json.load(f))
+    return run
+
+
 def main(dirs):
     runs = []
     for d in dirs:
-        # DIR, or FRCN_DIR:OHEM_DIR when the two methods of a seed ran separately
-        # (`--methods frcn` / `--methods ohem`): each method's own <dir>/<method>/summary.json.
-        run = {}
-        for folder in d.split(":"):
-            for method in ("frcn", "ohem"):
-                path = os.path.join(folder, method, "summary.json")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        run[method] = json.load(f)
+        run = {method: summary for method, (_, summary) in load_runs(d).items()}
         assert set(run) == {"frcn", "ohem"}, f"{d}: both methods' summaries are needed"
         assert run["frcn"]["seed"] == run["ohem"]["seed"], d
         runs.append(run)

@@ -14,7 +14,6 @@ keep 100 detections per image, and the demo keeps them too.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,22 +21,13 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bccd_seed_table import load_runs  # noqa: E402
 
 from ohem_d2.demo import build_demo_cfg  # noqa: E402
 from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
-
-
-def _runs(spec):
-    """{method: (run_dir, summary)} of one FRCN_DIR[:OHEM_DIR] argument."""
-    found = {}
-    for folder in spec.split(":"):
-        for method in ("frcn", "ohem"):
-            path = os.path.join(folder, method, "summary.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    found[method] = (folder, json.load(f))
-    return found
 
 
 def evaluate(run_dir, summary, cap):
@@ -81,7 +71,7 @@ def main():
     )
     lines = [head + " |", "|---" * (2 + 3 * len(args.caps)) + "|"]
     for spec in args.runs:
-        for method, (run_dir, summary) in sorted(_runs(spec).items()):
+        for method, (run_dir, summary) in sorted(load_runs(spec).items()):
             cells = []
             for cap in args.caps:
                 cells += [f"{v:.1f}" for v in evaluate(run_dir, summary, cap)]
