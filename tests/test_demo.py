@@ -126,11 +126,13 @@ def test_hard_example_pictures_leave_the_trained_model_and_its_random_draws_unto
 
     import torch
 
+    from ohem_d2.data.bccd import register_bccd
     from ohem_d2.demo import _probe_inputs, build_demo_cfg
-    from ohem_d2.engine import Trainer, register_project_datasets
+    from ohem_d2.engine import Trainer
     from ohem_d2.engine.hooks import HardExampleSnapshot
 
-    register_project_datasets()
+    # Only BCCD: the toy set's fixtures register it for their own folders later in the run.
+    register_bccd()
     cfg = build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu")
     model = Trainer.build_model(cfg)
     model.train()
