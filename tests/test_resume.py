@@ -38,6 +38,13 @@ def _wait_for(predicate, proc, timeout, what):
         time.sleep(0.05)
 
 
+def _last_checkpoint(out):
+    try:
+        return (out / "last_checkpoint").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def _metrics(out):
     with open(out / "metrics.json") as f:
         return [json.loads(line) for line in f]
@@ -60,9 +67,10 @@ def test_sigkill_after_checkpoint_then_resume(small_toy_registered, tmp_path):
     ]  # fmt: skip
     first = _train_net(args, datasets, tmp_path / "first.log")
     try:
-        first_ckpt = out / f"model_{PERIOD - 1:07d}.pth"
-        _wait_for(first_ckpt.exists, first, 240, first_ckpt.name)
-        time.sleep(0.5)  # well into the next iteration
+        # Kill as soon as the first checkpoint is complete (last_checkpoint names it),
+        # not after a fixed sleep: a fast machine finishes the short run within one.
+        first_ckpt = f"model_{PERIOD - 1:07d}.pth"
+        _wait_for(lambda: _last_checkpoint(out) == first_ckpt, first, 240, first_ckpt)
         assert first.poll() is None, "the run finished before it could be killed"
         first.send_signal(signal.SIGKILL)
         assert first.wait(30) == -signal.SIGKILL
@@ -119,3 +127,56 @@ def test_truncate_metrics_drops_lost_and_partial_lines(tmp_path):
         appender.write(json.dumps({"iteration": 8}) + "\n")
     assert [json.loads(x)["iteration"] for x in path.read_text().splitlines()] == [3, 7, 8]
     assert truncate_metrics(str(tmp_path / "absent.json"), 7) == 0
+
+
+def _toy_cfg(small_toy_root, out):
+    cfg = get_cfg()
+    ohem_d2.add_ohem_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "toy", "ohem.yaml"))
+    overrides = [
+        *toy_overrides(small_toy_root), *FAST,
+        "DATASETS.TEST", "()", "DATASETS.PROPOSAL_FILES_TEST", "()",
+        "SOLVER.WARMUP_ITERS", 0, "SOLVER.MAX_ITER", MAX_ITER,
+        "SOLVER.CHECKPOINT_PERIOD", PERIOD, "OUTPUT_DIR", str(out),
+    ]  # fmt: skip
+    cfg.merge_from_list([str(x) if not isinstance(x, str) else x for x in overrides])
+    return cfg
+
+
+def test_killed_between_last_checkpoint_and_model_final_resumes_to_model_final(
+    small_toy_registered, tmp_path
+):
+    out = tmp_path / "out"
+    cfg = _toy_cfg(small_toy_registered, out)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    saved_with_lines = {}
+    save = trainer.checkpointer.save
+
+    def recording_save(name, **kwargs):
+        # What a kill right after this checkpoint would leave in metrics.json.
+        saved_with_lines[name] = [m["iteration"] for m in _metrics(out) if "total_loss" in m]
+        save(name, **kwargs)
+
+    trainer.checkpointer.save = recording_save
+    trainer.train()
+    last = f"model_{MAX_ITER - 1:07d}"
+    for i in range(PERIOD - 1, MAX_ITER, PERIOD):
+        assert i in saved_with_lines[f"model_{i:07d}"], (i, saved_with_lines)
+    del trainer
+
+    # The state a SIGKILL during the save of model_final.pth leaves behind.
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text(f"{last}.pth")
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == MAX_ITER
+    resumed.train()
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    before = torch.load(out / f"{last}.pth", weights_only=True)
+    assert final["iteration"] == MAX_ITER - 1
+    assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == MAX_ITER
+    for key, value in before["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+    lines = [m["iteration"] for m in _metrics(out) if "total_loss" in m]
+    assert lines == list(range(PERIOD - 1, MAX_ITER, PERIOD))

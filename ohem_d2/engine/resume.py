@@ -59,8 +59,9 @@ class WriteMetricsAtCheckpoints(HookBase):
     """Write ``metrics.json`` (and TensorBoard events) at every iteration the periodic
     checkpointer saves, not only every 20 iterations.
 
-    Place it after the checkpointer and the evaluation hook (so that evaluation results of
-    that iteration are included) and before the periodic writer. Only writers that skip
+    Place it after the evaluation hook (so that evaluation results of that iteration are
+    included), before the checkpointer (so that a checkpoint never exists without its
+    iteration's line) and before the periodic writer. Only writers that skip
     iterations they already wrote are run, so nothing is written or printed twice.
     """
 

@@ -8,6 +8,7 @@ import weakref
 
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -56,6 +57,11 @@ class Trainer(DefaultTrainer):
         if resume and comm.is_main_process():
             # Metrics logged after the checkpoint describe work that is lost and redone now.
             truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter - 1)
+            final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+            if self.start_iter >= self.max_iter and not os.path.exists(final):
+                # Killed after the last iteration's checkpoint but before model_final.pth:
+                # there is nothing left to train, so write the final checkpoint from it.
+                self.checkpointer.save("model_final", iteration=self.start_iter - 1)
 
     def build_writers(self):
         self._metric_writers = super().build_writers()
@@ -64,11 +70,17 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         if comm.is_main_process():
-            # Before the periodic writer (the last hook), after checkpointing and evaluation.
+            # Order at a checkpointed iteration: evaluation, its metrics line, the checkpoint.
+            # A run killed in between then resumes from a checkpoint whose metrics line is
+            # on disk (Detectron2 checkpoints before evaluating and writing, so a kill right
+            # after the checkpoint would lose that iteration's line for good).
+            (checkpointer,) = [h for h in hooks if isinstance(h, PeriodicCheckpointer)]
+            hooks.remove(checkpointer)
             at_checkpoints = WriteMetricsAtCheckpoints(
                 self._metric_writers, self.cfg.SOLVER.CHECKPOINT_PERIOD
             )
-            hooks.insert(len(hooks) - 1, at_checkpoints)
+            # Before the periodic writer, the last hook.
+            hooks[len(hooks) - 1 : len(hooks) - 1] = [at_checkpoints, checkpointer]
         return hooks
 
     @classmethod
