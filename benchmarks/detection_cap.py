@@ -4,13 +4,14 @@
         output/test_frcn_s1:output/test_ohem_s1 output/test_frcn_s2:output/test_ohem_s2
 
 Each run is an --output-dir of `python -m ohem_d2.demo` (or FRCN_DIR:OHEM_DIR, as in
-bccd_seed_table.py). For every method's model_final.pth it evaluates bccd_test again (COCO
-and VOC, the demo's evaluators) with `TEST.DETECTIONS_PER_IMAGE` set to each cap, and prints
-all-point mAP50, Platelets AP50 and COCO AP per cap. Nothing is trained; the evaluation
-output goes to a temporary folder, so the runs' own files are left as they are.
+bccd_seed_table.py). For every method's model_final.pth it evaluates the run's test split
+again (bccd_test, or bccd_val for a --holdout run; COCO and VOC, the demo's evaluators) with
+`TEST.DETECTIONS_PER_IMAGE` set to each cap, and prints all-point mAP50, Platelets AP50 and
+COCO AP per cap. Nothing is trained; the evaluation output goes to a temporary folder, so
+the runs' own files are left as they are.
 
-This is a diagnostic of the evaluation, not a setting to adopt: the paper and Detectron2
-keep 100 detections per image, and the demo keeps them too.
+On bccd_test this is a diagnostic of the evaluation, never a choice: a cap other than the
+paper's and Detectron2's 100 may only be chosen on bccd_val (benchmarks/bccd_holdout.md).
 """
 
 import argparse
@@ -41,7 +42,10 @@ def evaluate(run_dir, summary, cap):
         "cpu",
         summary["ohem_opts"],
         opts=summary["opts"],
+        # A --holdout run is re-evaluated on its own split (bccd_val), never on bccd_test.
+        holdout=summary["test_datasets"] == ["bccd_val"],
     )
+    assert list(cfg.DATASETS.TEST) == summary["test_datasets"], (run_dir, cfg.DATASETS.TEST)
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     cfg.defrost()
     cfg.TEST.DETECTIONS_PER_IMAGE = cap
