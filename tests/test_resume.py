@@ -17,6 +17,22 @@ from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 from ohem_d2.engine.resume import truncate_metrics
 
 BASE_LR, STEP, MAX_ITER, PERIOD = 0.01, 4, 9, 3
+TOY_OHEM = "configs/toy/ohem.yaml"
+
+
+def _overrides(small_toy_root, out):
+    """The short checkpointed schedule of these tests, as KEY VALUE strings."""
+    overrides = [
+        *toy_overrides(small_toy_root), *FAST,
+        "DATASETS.TEST", "()", "DATASETS.PROPOSAL_FILES_TEST", "()",
+        "SOLVER.BASE_LR", BASE_LR,
+        "SOLVER.WARMUP_ITERS", 0,
+        "SOLVER.STEPS", f"({STEP},)",
+        "SOLVER.MAX_ITER", MAX_ITER,
+        "SOLVER.CHECKPOINT_PERIOD", PERIOD,
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
+    return [str(x) for x in overrides]
 
 
 def _train_net(args, datasets, log):
@@ -54,17 +70,7 @@ def test_sigkill_after_checkpoint_then_resume(small_toy_registered, tmp_path):
     small_toy_root = small_toy_registered
     datasets = os.path.dirname(small_toy_root)
     out = tmp_path / "out"
-    args = [
-        "--config-file", "configs/toy/ohem.yaml",
-        *toy_overrides(small_toy_root), *FAST,
-        "DATASETS.TEST", "()", "DATASETS.PROPOSAL_FILES_TEST", "()",
-        "SOLVER.BASE_LR", BASE_LR,
-        "SOLVER.WARMUP_ITERS", 0,
-        "SOLVER.STEPS", f"({STEP},)",
-        "SOLVER.MAX_ITER", MAX_ITER,
-        "SOLVER.CHECKPOINT_PERIOD", PERIOD,
-        "OUTPUT_DIR", out,
-    ]  # fmt: skip
+    args = ["--config-file", TOY_OHEM, *_overrides(small_toy_root, out)]
     first = _train_net(args, datasets, tmp_path / "first.log")
     try:
         # Kill as soon as the first checkpoint is complete (last_checkpoint names it),
@@ -132,14 +138,8 @@ def test_truncate_metrics_drops_lost_and_partial_lines(tmp_path):
 def _toy_cfg(small_toy_root, out):
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "toy", "ohem.yaml"))
-    overrides = [
-        *toy_overrides(small_toy_root), *FAST,
-        "DATASETS.TEST", "()", "DATASETS.PROPOSAL_FILES_TEST", "()",
-        "SOLVER.WARMUP_ITERS", 0, "SOLVER.MAX_ITER", MAX_ITER,
-        "SOLVER.CHECKPOINT_PERIOD", PERIOD, "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
-    cfg.merge_from_list([str(x) if not isinstance(x, str) else x for x in overrides])
+    cfg.merge_from_file(os.path.join(REPO, TOY_OHEM))
+    cfg.merge_from_list(_overrides(small_toy_root, out))
     return cfg
 
 

@@ -80,7 +80,7 @@ class Trainer(DefaultTrainer):
                 self._metric_writers, self.cfg.SOLVER.CHECKPOINT_PERIOD
             )
             # Before the periodic writer, the last hook.
-            hooks[len(hooks) - 1 : len(hooks) - 1] = [at_checkpoints, checkpointer]
+            hooks[-1:-1] = [at_checkpoints, checkpointer]
         return hooks
 
     @classmethod
