@@ -92,6 +92,13 @@ def add_ohem_config(cfg):
     # random, as FRCN's sampler draws them (mostly easy); the rest is the hardest RoIs
     # (0.0: the paper). floor(share * batch) RoIs.
     _C.MODEL.ROI_HEADS.OHEM.EASY_BG_FRACTION = 0.0
+    # --- Beyond the paper: dense images ---
+    # OHEM's hard sets are mostly foreground where images are crowded, so its classifier
+    # learns a class prior far from the one it meets at test time (most RoIs background):
+    # its scores get a floor. True counts, in training, the classes of all labelled RoIs and
+    # of the hard sets (saved with the model) and, at inference, adds log(pi_all / pi_hard)
+    # to the class logits. Training is unchanged. False: the paper.
+    _C.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = False
     # A faster, approximate readonly pass (beyond the paper; off by default). The hard set
     # then differs slightly from the exact one (benchmarks/README.md measures how much).
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY = CN()

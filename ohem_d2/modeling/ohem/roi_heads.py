@@ -10,9 +10,11 @@ One training step of an OHEM head:
 3. train: the parent head's own ``forward`` (box, mask and keypoint losses) runs on the hard
    set unchanged.
 
-Inference is the parent's.
+Inference is the parent's, unless ``MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION`` (beyond the
+paper) shifts the class logits from the hard sets' class prior to that of all RoIs.
 """
 
+import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import (
     ROI_HEADS_REGISTRY,
@@ -43,10 +45,16 @@ class OHEMHeadMixin:
     """
 
     @configurable
-    def __init__(self, *, miner: HardExampleMiner, **kwargs):
+    def __init__(self, *, miner: HardExampleMiner, prior_correction: bool = False, **kwargs):
         """
         Args:
             miner: the hard example miner.
+            prior_correction: beyond the paper (False: the paper). Count, in training, the
+                classes of all labelled RoIs and of the hard sets (buffers
+                ``ohem_class_counts_all`` / ``ohem_class_counts_hard``, saved with the
+                model), and at inference add log(pi_all / pi_hard) to the class logits: the
+                hard sets are mostly foreground, so the classifier learns a class prior far
+                from the one it meets at test time, where most RoIs are background.
             kwargs: the arguments of the parent ROI head.
         """
         super().__init__(**kwargs)
@@ -54,12 +62,59 @@ class OHEMHeadMixin:
         predictors = self.box_predictor
         for predictor in predictors if isinstance(predictors, nn.ModuleList) else [predictors]:
             check_box_predictor_supported(predictor)
+        self.prior_correction = prior_correction
+        if prior_correction:
+            if isinstance(predictors, nn.ModuleList):
+                raise ValueError(
+                    "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION supports single-stage heads "
+                    f"(OHEMROIHeads, OHEMRes5ROIHeads), not {type(self).__name__}"
+                )
+            # Only with the option on, so that a paper-OHEM model's state_dict is the
+            # parent head's, key for key. int64: model.to(dtype) leaves them exact.
+            counts = torch.zeros(self.num_classes + 1, dtype=torch.int64)
+            self.register_buffer("ohem_class_counts_all", counts)
+            self.register_buffer("ohem_class_counts_hard", counts.clone())
+            predictors.register_forward_hook(self._correct_class_prior)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["miner"] = HardExampleMiner(cfg)
+        ret["prior_correction"] = cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION
         return ret
+
+    def class_prior_shift(self) -> torch.Tensor:
+        """(K+1,) log(pi_all / pi_hard) per class (background last), from the counts of
+        training with one added to each (so that a class never mined stays finite)."""
+        counts_all = self.ohem_class_counts_all.double() + 1
+        counts_hard = self.ohem_class_counts_hard.double() + 1
+        if counts_all.sum() == counts_all.numel():
+            raise RuntimeError(
+                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION: this model has no class counts (it "
+                "was not trained with the option on, or its checkpoint lacks "
+                "roi_heads.ohem_class_counts_*); train with it, or turn it off"
+            )
+        prior_all = counts_all / counts_all.sum()
+        prior_hard = counts_hard / counts_hard.sum()
+        return (prior_all.log() - prior_hard.log()).float()
+
+    def _correct_class_prior(self, predictor, inputs, outputs):
+        """Forward hook of the box predictor: at inference, shift the class logits."""
+        if self.training:
+            return outputs
+        scores, deltas = outputs
+        return scores + self.class_prior_shift().to(scores), deltas
+
+    @torch.no_grad()
+    def _count_classes(self, candidates, hard):
+        """Add the classes of all labelled candidates and of the hard sets to the counts."""
+        for buffer, instances in (
+            (self.ohem_class_counts_all, candidates),
+            (self.ohem_class_counts_hard, hard),
+        ):
+            labels = torch.cat([x.gt_classes for x in instances])
+            labels = labels[labels >= 0]
+            buffer += torch.bincount(labels, minlength=buffer.numel()).to(buffer)
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
         """Detectron2's subsampling hook: here every proposal is kept (OHEM selects later)."""
@@ -84,11 +139,12 @@ class OHEMHeadMixin:
 
     def mine_hard_examples(self, features, proposals, targets):
         """Steps 1 and 2: label all `proposals` against `targets`; return each image's hard set."""
+        candidates = self.label_proposals(proposals, targets)
         hard, _ = self.miner(
-            [features[f] for f in self.in_features],
-            self.label_proposals(proposals, targets),
-            readonly_head(self),
+            [features[f] for f in self.in_features], candidates, readonly_head(self)
         )
+        if self.prior_correction:
+            self._count_classes(candidates, hard)
         return hard
 
     def forward(self, images, features, proposals, targets=None):
