@@ -189,10 +189,12 @@ def run_one(
 ):
     """Train and evaluate one method in this process; write <output_dir>/<method>/summary.json."""
     import torch
+    from detectron2.data import DatasetCatalog
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
     from .engine import Trainer, register_project_datasets
+    from .engine.evaluation import detection_cap_statistics
     from .engine.hooks import HardExampleSnapshot, RoILossProbe, TrainingProgress
 
     cfg = build_demo_cfg(
@@ -239,6 +241,11 @@ def run_one(
     times = [t for t in times if t is not None]
     with open(os.path.join(cfg.OUTPUT_DIR, "roi_loss_probe.json")) as f:
         probe = json.load(f)
+    test_name = cfg.DATASETS.TEST[0]
+    cap_stats = detection_cap_statistics(
+        os.path.join(cfg.OUTPUT_DIR, "inference", test_name, "coco_instances_results.json"),
+        len(DatasetCatalog.get(test_name)),
+    )
     summary = {
         "dataset": dataset,
         "method": method,
@@ -260,6 +267,7 @@ def run_one(
         "coco_AP": results["bbox/AP"],
         "coco_AP50": results["bbox/AP50"],
         "coco_AP75": results["bbox/AP75"],
+        **cap_stats,
         "final_roi_loss": {k: probe[k][-1] for k in RoILossProbe.KEYS},
         "s_per_iter": statistics.median(times) if times else float("nan"),
         # ru_maxrss is in KiB on Linux.
@@ -274,6 +282,10 @@ def run_one(
     with open(os.path.join(cfg.OUTPUT_DIR, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def _optional(value, fmt):
+    return "-" if value is None else fmt.format(value)
 
 
 def format_table(summaries):
@@ -293,6 +305,11 @@ def format_table(summaries):
         ("COCO AP (%)", lambda s: f"{s['coco_AP']:.1f}"),
         ("COCO AP50 (%)", lambda s: f"{s['coco_AP50']:.1f}"),
         ("COCO AP75 (%)", lambda s: f"{s['coco_AP75']:.1f}"),
+        ("detections per image (mean)", lambda s: f"{s['mean_detections_per_image']:.1f}"),
+        (
+            "lowest kept score (median over images)",
+            lambda s: _optional(s["median_lowest_kept_score"], "{:.3f}"),
+        ),
         (
             "final loss over all RoIs (fg + bg)",
             lambda s: "{mean_roi_loss:.3f} ({fg_part:.3f} + {bg_part:.3f})".format(

@@ -39,6 +39,13 @@ def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root,
     for s in summaries:
         assert s["iterations"] == 4 and s["s_per_iter"] > 0 and s["peak_rss_mb"] > 100
         assert 0 <= s["voc_AP50_11point"] <= 100 and 0 <= s["coco_AP"] <= 100
+        # the cap's statistics, recomputed from the detections the evaluator wrote
+        found = out / s["method"] / "inference" / s["test_datasets"][0]
+        detections = json.loads((found / "coco_instances_results.json").read_text())
+        num_images = len({d["image_id"] for d in detections})
+        assert s["mean_detections_per_image"] <= len(detections) / num_images <= 100
+        if detections:
+            assert s["median_lowest_kept_score"] >= min(d["score"] for d in detections)
     table = (out / "summary.md").read_text()
     assert "FRCN" in table and "OHEM" in table and "VOC07 11-point" in table
     assert table.strip() in result.stdout

@@ -1,6 +1,7 @@
 """VOCDetectionEvaluator: Detectron2's VOC numbers, per-class AP50 in both VOC metrics (checked
 by hand), and scoring against cleaned annotations when the dataset says so."""
 
+import json
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from ohem_d2.engine.evaluation import VOCDetectionEvaluator
+from ohem_d2.engine.evaluation import VOCDetectionEvaluator, detection_cap_statistics
 
 CLASSES = ["cell", "other"]
 # One image, class "cell": GT boxes A and B (VOC 1-based inclusive coordinates); an
@@ -113,3 +114,24 @@ def test_raw_dataset_gives_detectron2s_numbers_and_cleaned_one_drops_the_duplica
     assert ours["AP50_allpoint-cell"] == pytest.approx(100 * (1 / 3 + 1 / 3 * 2 / 3))
     cleaned = _evaluate(VOCDetectionEvaluator("tiny_voc_cleaned"))
     assert cleaned["AP50_allpoint-cell"] == pytest.approx(100 * (0.5 + 0.5 * 2 / 3))
+
+
+def test_detection_cap_statistics_by_hand(tmp_path):
+    # Image 1 keeps 3 detections (lowest 0.2), image 2 keeps 1 (0.7), image 3 none:
+    # 4 detections over 3 images; the bar is the median of (0.2, 0.7) = 0.45.
+    scores = {1: [0.9, 0.2, 0.5], 2: [0.7]}
+    records = [
+        {"image_id": i, "category_id": 1, "bbox": [0, 0, 5, 5], "score": s}
+        for i, image_scores in scores.items()
+        for s in image_scores
+    ]
+    path = tmp_path / "coco_instances_results.json"
+    path.write_text(json.dumps(records))
+    stats = detection_cap_statistics(str(path), num_images=3)
+    assert stats["mean_detections_per_image"] == pytest.approx(4 / 3)
+    assert stats["median_lowest_kept_score"] == pytest.approx(0.45)
+    path.write_text("[]")
+    assert detection_cap_statistics(str(path), num_images=3) == {
+        "mean_detections_per_image": 0.0,
+        "median_lowest_kept_score": None,
+    }

@@ -1,6 +1,9 @@
 """Evaluators that follow the dataset: PASCAL VOC and/or COCO metrics."""
 
+import json
+import math
 import os
+import statistics
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -160,3 +163,23 @@ def build_detection_evaluator(dataset_name: str, output_dir: str, cfg=None) -> D
         )
     )
     return DatasetEvaluators(evaluators)
+
+
+def detection_cap_statistics(results_file: str, num_images: int) -> dict:
+    """What the per-image cap (``TEST.DETECTIONS_PER_IMAGE``) kept, from the detections that
+    :class:`COCOEvaluator` wrote (``coco_instances_results.json``).
+
+    Returns:
+        ``mean_detections_per_image`` (over all ``num_images``, those without detections
+        included) and ``median_lowest_kept_score``: the cap's bar, the median over images with
+        detections of the lowest score an image keeps (None without any detection).
+    """
+    with open(results_file) as f:
+        detections = json.load(f)
+    lowest = {}
+    for d in detections:
+        lowest[d["image_id"]] = min(d["score"], lowest.get(d["image_id"], math.inf))
+    return {
+        "mean_detections_per_image": len(detections) / max(num_images, 1),
+        "median_lowest_kept_score": statistics.median(lowest.values()) if lowest else None,
+    }

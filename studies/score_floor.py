@@ -1,0 +1,332 @@
+"""OHEM's score floor on BCCD: re-evaluate the demo's saved models and apply the study's rule.
+
+    # per run folder (a demo --output-dir): re-evaluate every method's model_final.pth
+    python -m studies.score_floor measure output/floor_val_s0 [...] [--diagnose]
+    # the study's table and decision, from the runs' summary.json and score_floor.json
+    python -m studies.score_floor table output/floor_val_s{seed} \\
+        --candidate fg25=output/floor_val_fg25_s{seed} --seeds 0 1 2 3 4
+
+``measure`` evaluates each model on its run's own test split (bccd_val for a --holdout run)
+with ``MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION`` off ("plain") and, for models that carry the
+class counts, on ("prior"). It writes <run>/<method>/score_floor.json: per variant, the
+demo's metrics (all-point mAP50, COCO AP, AP50 per class) and the cap's statistics.
+``--diagnose`` adds a pass without the 100-detection cap: per class, the scores of all RoIs
+and of the kept detections; per image, how many detections score above its lowest true
+platelet; and, from the counts, the class make-up of all RoIs and of the hard sets. Nothing
+is trained, and the run's own files other than score_floor.json are left as they are.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+PLATELETS = "Platelets"
+# The study's candidates, by how far they depart from the paper (the rule's tie order).
+ORDER = ("paper", "paper+prior", "fg25", "fg25+prior")
+
+
+def _cfg(method_dir, summary, prior_correction, cap):
+    from ohem_d2.demo import build_demo_cfg
+
+    cfg = build_demo_cfg(
+        summary["dataset"],
+        summary["method"],
+        os.path.dirname(method_dir),
+        summary["iterations"],
+        summary["seed"],
+        "cpu",
+        summary["ohem_opts"],
+        opts=summary["opts"],
+        holdout=summary["test_datasets"] == ["bccd_val"],
+    )
+    assert list(cfg.DATASETS.TEST) == summary["test_datasets"], (method_dir, cfg.DATASETS.TEST)
+    cfg.defrost()
+    cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = prior_correction
+    cfg.TEST.DETECTIONS_PER_IMAGE = cap
+    cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="score_floor_")
+    cfg.freeze()
+    return cfg
+
+
+def _model(cfg, method_dir):
+    from ohem_d2.engine import Trainer
+    from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
+
+    model = Trainer.build_model(cfg)
+    SafeDetectionCheckpointer(model).load(os.path.join(method_dir, "model_final.pth"))
+    return model.eval()
+
+
+def evaluate(method_dir, summary, prior_correction):
+    """The demo's metrics and the cap's statistics of one model, at the cap of 100."""
+    from detectron2.data import DatasetCatalog
+
+    from ohem_d2.engine import Trainer
+    from ohem_d2.engine.evaluation import detection_cap_statistics
+
+    cfg = _cfg(method_dir, summary, prior_correction, 100)
+    results = Trainer.test(cfg, _model(cfg, method_dir))
+    name = cfg.DATASETS.TEST[0]
+    results = results.get(name, results)
+    found = os.path.join(cfg.OUTPUT_DIR, "inference", name, "coco_instances_results.json")
+    voc = results["voc_bbox"]
+    return {
+        "voc_AP50_allpoint": voc["mAP50_allpoint"],
+        "coco_AP": results["bbox"]["AP"],
+        "per_class_AP50_allpoint": {
+            k.split("-", 1)[1]: v for k, v in voc.items() if k.startswith("AP50_allpoint-")
+        },
+        **detection_cap_statistics(found, len(DatasetCatalog.get(name))),
+    }
+
+
+def _percentiles(values):
+    if len(values) == 0:
+        return None
+    p10, p50, p90 = np.percentile(values, [10, 50, 90]).tolist()
+    return {"min": float(np.min(values)), "p10": p10, "p50": p50, "p90": p90, "n": len(values)}
+
+
+def above_lowest_true(detections, gt_boxes, cls, iou_thresh=0.5):
+    """How many of an image's detections score above its lowest-scoring true `cls` object.
+
+    Args:
+        detections: (scores (D,), classes (D,), boxes (D, 4) XYXY), all the image's detections.
+        gt_boxes: (G, 4) XYXY, the image's ground-truth boxes of class `cls`.
+
+    A ground-truth box is found by its best-scoring detection of class `cls` with IoU >=
+    `iou_thresh`; returns None when none is found.
+    """
+    from torchvision.ops import box_iou
+
+    scores, classes, boxes = detections
+    own = classes == cls
+    if len(gt_boxes) == 0 or not bool(own.any()):
+        return None
+    iou = box_iou(torch.as_tensor(gt_boxes, dtype=torch.float32), boxes[own].float())
+    best = torch.where(iou >= iou_thresh, scores[own][None, :], -1.0).max(dim=1).values
+    found = best[best >= 0]
+    if found.numel() == 0:
+        return None
+    return int((scores > found.min()).sum())
+
+
+def diagnose(method_dir, summary, prior_correction):
+    """Score distributions and the platelets' rank, without the cap (see the module doc)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.structures import BoxMode
+
+    from ohem_d2.engine.loaders import proposal_mapper
+
+    cfg = _cfg(method_dir, summary, prior_correction, -1)
+    model = _model(cfg, method_dir)
+    name = cfg.DATASETS.TEST[0]
+    classes = MetadataCatalog.get(name).thing_classes
+    platelet = classes.index(PLATELETS)
+    roi_probs = []
+    hook = model.roi_heads.box_predictor.register_forward_hook(
+        lambda m, i, out: roi_probs.append(out[0].softmax(dim=1))
+    )
+    from ohem_d2.engine.loaders import dataset_dicts_with_proposals
+
+    dicts = dataset_dicts_with_proposals(
+        cfg.DATASETS.TEST, cfg.DATASETS.PROPOSAL_FILES_TEST, filter_empty=False, trusted=False
+    )
+    assert len(dicts) == len(DatasetCatalog.get(name))
+    mapper = proposal_mapper(cfg, False)
+    kept = {k: [] for k in range(len(classes))}
+    num_kept, above = [], []
+    with torch.no_grad():
+        for d in dicts:
+            inst = model([mapper(d)])[0]["instances"].to("cpu")
+            scores, pred = inst.scores, inst.pred_classes
+            top = slice(0, 100)  # the cap's cut: detections come sorted by score
+            num_kept.append(int(scores[top].numel()))
+            for k in kept:
+                kept[k] += scores[top][pred[top] == k].tolist()
+            gt = [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in d["annotations"]
+                if a["category_id"] == platelet
+            ]
+            n = above_lowest_true((scores, pred, inst.pred_boxes.tensor), gt, platelet)
+            if n is not None:
+                above.append(n)
+    hook.remove()
+    probs = torch.cat(roi_probs)
+    out = {
+        "all_rois": {c: _percentiles(probs[:, k].numpy()) for k, c in enumerate(classes)},
+        "all_rois_share_above_0.05": {
+            c: float((probs[:, k] >= 0.05).float().mean()) for k, c in enumerate(classes)
+        },
+        "kept": {c: _percentiles(np.array(kept[k])) for k, c in enumerate(classes)},
+        "images_at_cap": sum(n == 100 for n in num_kept) / len(num_kept),
+        "above_lowest_true_platelet": {
+            "median": statistics.median(above) if above else None,
+            "images": len(above),
+            "share_at_or_over_cap": sum(a >= 100 for a in above) / max(len(above), 1),
+        },
+    }
+    head = model.roi_heads
+    if hasattr(head, "ohem_class_counts_all"):
+        names = list(classes) + ["background"]
+        for key in ("all", "hard"):
+            counts = getattr(head, f"ohem_class_counts_{key}").double()
+            out[f"make_up_{key}"] = dict(zip(names, (counts / counts.sum()).tolist()))
+    return out
+
+
+def measure(run_dirs, with_diagnosis):
+    from ohem_d2.engine import register_project_datasets
+
+    register_project_datasets()
+    for run_dir in run_dirs:
+        for method in ("frcn", "ohem"):
+            method_dir = os.path.join(run_dir, method)
+            path = os.path.join(method_dir, "summary.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                summary = json.load(f)
+            state = torch.load(
+                os.path.join(method_dir, "model_final.pth"), map_location="cpu", weights_only=True
+            )["model"]
+            variants = {"plain": False}
+            if "roi_heads.ohem_class_counts_all" in state:
+                variants["prior"] = True
+            result = {}
+            for variant, prior in variants.items():
+                result[variant] = evaluate(method_dir, summary, prior)
+                if with_diagnosis:
+                    result[variant]["diagnosis"] = diagnose(method_dir, summary, prior)
+            with open(os.path.join(method_dir, "score_floor.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            print(method_dir, json.dumps({k: v["voc_AP50_allpoint"] for k, v in result.items()}))
+
+
+def load_candidates(frcn_pattern, candidates, seeds):
+    """{name: {seed: metrics}} of FRCN and the study's candidates, from score_floor.json."""
+
+    def read(pattern, seed, method):
+        with open(os.path.join(pattern.format(seed=seed), method, "score_floor.json")) as f:
+            return json.load(f)
+
+    table = {"frcn": {}, "paper": {}, "paper+prior": {}}
+    for seed in seeds:
+        table["frcn"][seed] = read(frcn_pattern, seed, "frcn")["plain"]
+        paper = read(frcn_pattern, seed, "ohem")
+        table["paper"][seed], table["paper+prior"][seed] = paper["plain"], paper["prior"]
+    for name, pattern in candidates.items():
+        table[name], table[name + "+prior"] = {}, {}
+        for seed in seeds:
+            runs = read(pattern, seed, "ohem")
+            table[name][seed], table[name + "+prior"][seed] = runs["plain"], runs["prior"]
+    return table
+
+
+def decide(table, order=ORDER):
+    """The protocol's rule (studies/bccd_score_floor.md). Returns (winner, reasons).
+
+    `table`: {candidate: {seed: metrics}} with "frcn" and the candidates of `order`.
+    """
+    frcn = table["frcn"]
+    seeds = sorted(frcn)
+
+    def platelets(m):
+        return m["per_class_AP50_allpoint"][PLATELETS]
+
+    def mean(name):
+        return statistics.mean(table[name][s]["voc_AP50_allpoint"] for s in seeds)
+
+    eligible_seeds = {
+        name: sum(platelets(table[name][s]) >= 0.8 * platelets(frcn[s]) for s in seeds)
+        for name in order
+    }
+    eligible = [n for n in order if eligible_seeds[n] == len(seeds)]
+    reasons = [f"eligible seeds: {eligible_seeds}"]
+    if not eligible:
+        best = max(order, key=lambda n: (eligible_seeds[n], mean(n)))
+        reasons.append(f"no candidate is eligible; the most eligible seeds, then mean: {best}")
+        return best, reasons
+    top = max(mean(n) for n in eligible)
+    # Within 1.0 of the best is a tie, resolved towards the paper (the order).
+    winner = next(n for n in eligible if mean(n) >= top - 1.0)
+    reasons.append(f"means: { {n: round(mean(n), 2) for n in eligible} }; rule 2: {winner}")
+    if winner != "paper" and "paper" in eligible:
+        diffs = [
+            table[winner][s]["voc_AP50_allpoint"] - table["paper"][s]["voc_AP50_allpoint"]
+            for s in seeds
+        ]
+        positive = sum(d > 0 for d in diffs)
+        if statistics.mean(diffs) < 1.0 or positive < len(seeds) - 1:
+            reasons.append(f"gain over paper {diffs} is inside the seed noise: paper stays")
+            winner = "paper"
+    return winner, reasons
+
+
+def format_table(table):
+    """Markdown: one row per candidate and seed, then the mean and spread of each."""
+    cols = [
+        ("mAP50 all-pt", lambda m: m["voc_AP50_allpoint"]),
+        ("COCO AP", lambda m: m["coco_AP"]),
+        ("RBC", lambda m: m["per_class_AP50_allpoint"]["RBC"]),
+        ("WBC", lambda m: m["per_class_AP50_allpoint"]["WBC"]),
+        ("Platelets", lambda m: m["per_class_AP50_allpoint"][PLATELETS]),
+        ("dets/image", lambda m: m["mean_detections_per_image"]),
+        ("cap's bar", lambda m: m["median_lowest_kept_score"]),
+    ]
+
+    def cell(v, name):
+        return "-" if v is None else (f"{v:.3f}" if name == "cap's bar" else f"{v:.1f}")
+
+    lines = ["| candidate | seed | " + " | ".join(n for n, _ in cols) + " |"]
+    lines.append("|---" * (len(cols) + 2) + "|")
+    for name, runs in table.items():
+        for seed, m in sorted(runs.items()):
+            lines.append(
+                f"| {name} | {seed} | " + " | ".join(cell(get(m), n) for n, get in cols) + " |"
+            )
+        values = [[get(m) for m in runs.values()] for _, get in cols]
+        stats = []
+        for v, (n, _) in zip(values, cols):
+            if any(x is None for x in v):
+                stats.append("-")
+            else:
+                stats.append(f"{cell(statistics.mean(v), n)} ({cell(max(v) - min(v), n)})")
+        lines.append(f"| **{name}** | mean (spread) | " + " | ".join(stats) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--diagnose", action="store_true")
+    m.add_argument("--threads", type=int, default=2)
+    t = sub.add_parser("table")
+    t.add_argument("frcn_and_paper", help="pattern with {seed}: FRCN's and paper OHEM's runs")
+    t.add_argument("--candidate", nargs="*", default=[], metavar="NAME=PATTERN")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    args = parser.parse_args(argv)
+    if args.command == "measure":
+        torch.set_num_threads(args.threads)
+        measure(args.runs, args.diagnose)
+        return 0
+    candidates = dict(c.split("=", 1) for c in args.candidate)
+    table = load_candidates(args.frcn_and_paper, candidates, args.seeds)
+    print(format_table(table))
+    order = [n for n in ORDER if n in table]
+    winner, reasons = decide(table, order)
+    print("\n" + "\n".join(reasons) + f"\n\nchosen: {winner}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
