@@ -245,6 +245,8 @@ def test_create_ddp_model_passes_the_given_device_ids(monkeypatch):
         ("CascadeROIHeads", "_match_and_label_boxes", ["proposals", "stage", "targets"]),
         ("StandardROIHeads", "_forward_mask", ["features", "instances"]),
         ("StandardROIHeads", "_forward_keypoint", ["features", "instances"]),
+        ("StandardROIHeads", "_forward_box", ["features", "proposals"]),
+        ("Res5ROIHeads", "_shared_roi_transform", ["features", "boxes"]),
     ],
 )
 def test_roi_head_hooks_the_ohem_heads_call(cls_name, method, params):

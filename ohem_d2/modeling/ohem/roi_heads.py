@@ -12,6 +12,10 @@ One training step of an OHEM head:
 
 Inference is the parent's, unless ``MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION`` (beyond the
 paper) shifts the class logits from the hard sets' class prior to that of all RoIs.
+
+Deployment is Detectron2's: tracing works for every head, and TorchScript scripting
+(``detectron2.export.scripting_with_instances``) for :class:`OHEMROIHeads` and
+:class:`OHEMRes5ROIHeads`, as for their parents.
 """
 
 import torch
@@ -23,6 +27,7 @@ from detectron2.modeling.roi_heads import (
     ROIHeads,
     StandardROIHeads,
 )
+from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -42,6 +47,10 @@ class OHEMHeadMixin:
     set to the parent's ``forward``, whose ``label_and_sample_proposals`` hook then passes it
     through. The labelling is Detectron2's ``ROIHeads`` one: a parent class that overrides
     ``label_and_sample_proposals`` has its override bypassed.
+
+    TorchScript cannot compile ``super()``: a head that is to be scripted defines
+    ``_scriptable_inference(features, proposals)``, its parent's ``forward`` at inference,
+    which the compiled ``forward`` calls instead.
     """
 
     @configurable
@@ -147,22 +156,72 @@ class OHEMHeadMixin:
             self._count_classes(candidates, hard)
         return hard
 
-    def forward(self, images, features, proposals, targets=None):
+    def forward(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        proposals: list[Instances],
+        targets: list[Instances] | None = None,
+    ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
         """See :meth:`ROIHeads.forward`. In training, the parent trains on the hard set."""
         if self.training:
             assert targets, "'targets' argument is required during training"
             proposals = self.mine_hard_examples(features, proposals, targets)
+        if torch.jit.is_scripting():
+            # A static branch: the compiler never sees the super() call below. Detectron2
+            # scripts with `training` frozen to False, so it drops the mining above too.
+            return self._scriptable_inference(features, proposals)
         return super().forward(images, features, proposals, targets)
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` before compiling: refuse what cannot be scripted,
+        saying why, rather than fail deep in the compiler."""
+        if self.prior_correction:
+            raise RuntimeError(
+                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION: a model with this option on cannot "
+                "be scripted (its class prior shift is a Python forward hook on the box "
+                "predictor); turn the option off to script it, or export it by tracing"
+            )
+        if not hasattr(self, "_scriptable_inference"):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be scripted: it has no "
+                "_scriptable_inference (see OHEMHeadMixin; Detectron2's CascadeROIHeads "
+                "cannot be scripted either); export it by tracing"
+            )
+        return self
 
 
 @ROI_HEADS_REGISTRY.register()
 class OHEMROIHeads(OHEMHeadMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (VGG, C5, FPN, ... box-head models) trained with OHEM."""
 
+    # Constants for TorchScript, as detectron2.export declares them on StandardROIHeads:
+    # class annotations are not inherited, and without them the compiler reaches the mask
+    # and keypoint heads a model does not have. tests/test_deploy.py pins them to the parent's.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+
+    def _scriptable_inference(
+        self, features: dict[str, torch.Tensor], proposals: list[Instances]
+    ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
+        """:meth:`StandardROIHeads.forward` at inference, in a form TorchScript compiles."""
+        instances = self._forward_box(features, proposals)
+        return self.forward_with_given_boxes(features, instances), {}
+
 
 @ROI_HEADS_REGISTRY.register()
 class OHEMRes5ROIHeads(OHEMHeadMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (the C4 models) trained with OHEM."""
+
+    def _scriptable_inference(
+        self, features: dict[str, torch.Tensor], proposals: list[Instances]
+    ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
+        """:meth:`Res5ROIHeads.forward` at inference, in a form TorchScript compiles."""
+        boxes = [x.proposal_boxes for x in proposals]
+        box_features = self._shared_roi_transform([features[f] for f in self.in_features], boxes)
+        predictions = self.box_predictor(box_features.mean(dim=[2, 3]))
+        instances, _ = self.box_predictor.inference(predictions, proposals)
+        return self.forward_with_given_boxes(features, instances), {}
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -174,6 +233,10 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
     readonly predictions and relabelled by stage k+1's matcher. Mask and keypoint heads train
     on stage 0's hard set, as Detectron2's train on its stage-0 sample.
     """
+
+    # As in OHEMROIHeads: the constants detectron2.export declares on StandardROIHeads.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
 
     def forward(self, images, features, proposals, targets=None):
         if not self.training:
