@@ -182,12 +182,12 @@ def diagnose(method_dir, summary, prior_correction):
     return out
 
 
-def measure(run_dirs, with_diagnosis):
+def measure(run_dirs, with_diagnosis, methods=("frcn", "ohem")):
     from ohem_d2.engine import register_project_datasets
 
     register_project_datasets()
     for run_dir in run_dirs:
-        for method in ("frcn", "ohem"):
+        for method in methods:
             method_dir = os.path.join(run_dir, method)
             path = os.path.join(method_dir, "summary.json")
             if not os.path.isfile(path):
@@ -309,6 +309,7 @@ def main(argv=None):
     m = sub.add_parser("measure")
     m.add_argument("runs", nargs="+")
     m.add_argument("--diagnose", action="store_true")
+    m.add_argument("--methods", nargs="+", default=["frcn", "ohem"], choices=["frcn", "ohem"])
     m.add_argument("--threads", type=int, default=2)
     t = sub.add_parser("table")
     t.add_argument("frcn_and_paper", help="pattern with {seed}: FRCN's and paper OHEM's runs")
@@ -317,7 +318,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "measure":
         torch.set_num_threads(args.threads)
-        measure(args.runs, args.diagnose)
+        measure(args.runs, args.diagnose, args.methods)
         return 0
     candidates = dict(c.split("=", 1) for c in args.candidate)
     table = load_candidates(args.frcn_and_paper, candidates, args.seeds)
