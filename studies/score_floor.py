@@ -86,6 +86,28 @@ def evaluate(method_dir, summary, prior_correction):
     }
 
 
+def from_summary(method_dir, summary):
+    """The same metrics as :func:`evaluate`, from the run's own evaluation (no model run)."""
+    from detectron2.data import DatasetCatalog
+
+    from ohem_d2.engine.evaluation import detection_cap_statistics
+
+    name = summary["test_datasets"][0]
+    found = os.path.join(method_dir, "inference", name, "coco_instances_results.json")
+    return {
+        "voc_AP50_allpoint": summary["voc_AP50_allpoint"],
+        "coco_AP": summary["coco_AP"],
+        "per_class_AP50_allpoint": summary["per_class_AP50_allpoint"],
+        **detection_cap_statistics(found, len(DatasetCatalog.get(name))),
+    }
+
+
+def _trained_with_prior_correction(summary):
+    opts = summary["ohem_opts"]
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    return pairs.get("MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION", "False") == "True"
+
+
 def _percentiles(values):
     if len(values) == 0:
         return None
@@ -202,7 +224,11 @@ def measure(run_dirs, with_diagnosis, methods=("frcn", "ohem")):
                 variants["prior"] = True
             result = {}
             for variant, prior in variants.items():
-                result[variant] = evaluate(method_dir, summary, prior)
+                # The run's own evaluation already is this variant's: no second pass.
+                if prior == _trained_with_prior_correction(summary):
+                    result[variant] = from_summary(method_dir, summary)
+                else:
+                    result[variant] = evaluate(method_dir, summary, prior)
                 if with_diagnosis:
                     result[variant]["diagnosis"] = diagnose(method_dir, summary, prior)
             with open(os.path.join(method_dir, "score_floor.json"), "w") as f:
