@@ -114,4 +114,34 @@ def add_ohem_config(cfg):
     # How many layers to factorise, in module order; 0: all that get cheaper. 1 (fc6 alone)
     # because layers after a dropout lose its noise in a low-rank stand-in.
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY.NUM_LAYERS = 1
+
+    # --- B: iterative bounding-box regression and box voting (inference only, off) ---
+    # The paper's B (after MR-CNN, Gidaris & Komodakis 2015): proposals are scored and
+    # regressed (R1), R1 again with the same network (R2); NMS on R1 U R2, then each kept box
+    # is replaced by the score-weighted mean of its class's boxes that overlap it. The
+    # values marked "paper" are PAPER.md's; "MR-CNN" marks its code's, not the default.
+    # Standard and C4 heads (OHEM or not); refused for Cascade heads, whose stages already
+    # regress iteratively.
+    _C.TEST.ITERATIVE_BBOX_REG = CN()
+    _C.TEST.ITERATIVE_BBOX_REG.ENABLED = False
+    # Passes of the RoI network: 2 (paper, MR-CNN) gives R1 and R2; each pass scores and
+    # regresses the previous pass's boxes, each box for its own class.
+    _C.TEST.ITERATIVE_BBOX_REG.NUM_ITERATIONS = 2
+    # Which boxes of a pass go on to the next: those scoring above
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST (paper: "the high-scoring boxes"), then per class an
+    # NMS at this IoU (1.0: none; MR-CNN: 0.95) and the TOPK_PER_CLASS best per image and
+    # class (0: all; MR-CNN: about 15). Fewer boxes make the next pass cheaper.
+    _C.TEST.ITERATIVE_BBOX_REG.NEXT_PASS_NMS_THRESH = 1.0
+    _C.TEST.ITERATIVE_BBOX_REG.NEXT_PASS_TOPK_PER_CLASS = 0
+    _C.TEST.BOX_VOTING = CN()
+    _C.TEST.BOX_VOTING.ENABLED = False
+    # The per-class NMS before the vote (paper, MR-CNN: 0.3); it replaces
+    # MODEL.ROI_HEADS.NMS_THRESH_TEST when voting is on.
+    _C.TEST.BOX_VOTING.NMS_THRESH = 0.3
+    # A kept box becomes the score-weighted mean of the boxes of its class with IoU >= this
+    # with it, itself included (paper, MR-CNN: 0.5); its score is unchanged.
+    _C.TEST.BOX_VOTING.IOU_THRESH = 0.5
+    # M, multi-scale testing, uses Detectron2's TEST.AUG keys (ENABLED, MIN_SIZES, MAX_SIZE,
+    # FLIP): the configs of the paper's M set MIN_SIZES (480, 576, 688, 864, 1000),
+    # MAX_SIZE 1000 and FLIP False (ohem_d2.modeling.multiscale).
     return cfg

@@ -131,7 +131,7 @@ def build_train_loader_with_proposals(cfg):
     return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
 
 
-def build_test_loader_with_proposals(cfg, dataset_name):
+def _test_dataset_with_proposals(cfg, dataset_name):
     index = list(cfg.DATASETS.TEST).index(dataset_name)
     files = list(cfg.DATASETS.PROPOSAL_FILES_TEST)
     if len(files) != len(cfg.DATASETS.TEST):
@@ -139,12 +139,39 @@ def build_test_loader_with_proposals(cfg, dataset_name):
             f"DATASETS.PROPOSAL_FILES_TEST must list one proposal file per test dataset: got "
             f"{len(files)} for {list(cfg.DATASETS.TEST)}"
         )
-    dataset = dataset_dicts_with_proposals(
+    return dataset_dicts_with_proposals(
         [dataset_name],
         [files[index]],
         filter_empty=False,
         trusted=cfg.DATASETS.PROPOSAL_FILES_TRUSTED,
     )
+
+
+def build_test_loader_with_proposals(cfg, dataset_name):
     return build_detection_test_loader(
-        dataset=dataset, mapper=proposal_mapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
+        dataset=_test_dataset_with_proposals(cfg, dataset_name),
+        mapper=proposal_mapper(cfg, False),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
+
+
+def multiscale_test_mapper(cfg):
+    """Detectron2's test DatasetMapper without its resize and without touching the
+    proposals: the original image with the proposal file's boxes, from which multi-scale
+    testing (``ohem_d2.modeling.multiscale``) resizes both at every scale."""
+    kwargs = DatasetMapper.from_config(cfg, False)
+    kwargs["augmentations"] = []
+    kwargs["precomputed_proposal_topk"] = None
+    return UnreadableImageGuard(DatasetMapper(**kwargs), skip=False)
+
+
+def build_multiscale_test_loader(cfg, dataset_name):
+    """The test loader of multi-scale testing: original images (and their proposal files'
+    boxes when ``MODEL.LOAD_PROPOSALS``), one per batch."""
+    mapper = multiscale_test_mapper(cfg)
+    if cfg.MODEL.LOAD_PROPOSALS:
+        dataset = _test_dataset_with_proposals(cfg, dataset_name)
+        return build_detection_test_loader(
+            dataset=dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
+    return build_detection_test_loader(cfg, dataset_name, mapper=mapper)

@@ -5,16 +5,27 @@ and a ``metrics.json`` that stays consistent across a crash and ``--resume``."""
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.hooks import PeriodicCheckpointer
+from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..modeling.iterative_box_regression import (
+    BoxRefinementSettings,
+    IterativeBoxRegressionWithVoting,
+)
+from ..modeling.multiscale import MultiScaleRCNN
 from .checkpoint import SafeDetectionCheckpointer
 from .evaluation import build_detection_evaluator
-from .loaders import build_test_loader_with_proposals, build_train_loader_with_proposals
+from .loaders import (
+    build_multiscale_test_loader,
+    build_test_loader_with_proposals,
+    build_train_loader_with_proposals,
+)
 from .resume import WriteMetricsAtCheckpoints, truncate_metrics
 
 
@@ -98,6 +109,41 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
         return build_detection_evaluator(dataset_name, cfg.OUTPUT_DIR, cfg)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's single-scale evaluation; with TEST.ITERATIVE_BBOX_REG or
+        TEST.BOX_VOTING on, the model's detections are made by
+        :class:`IterativeBoxRegressionWithVoting`."""
+        settings = BoxRefinementSettings.from_config(cfg)
+        if settings.enabled:
+            model = IterativeBoxRegressionWithVoting(model, settings)
+        return super().test(cfg, model, evaluators)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Multi-scale testing (TEST.AUG.*, with B if on) of ``model`` on every test dataset,
+        as Detectron2's tools/train_net.py runs its test-time augmentation: results under
+        ``<dataset>_TTA``, evaluator outputs under ``OUTPUT_DIR/inference_TTA``."""
+        logger = logging.getLogger("detectron2.trainer")
+        logger.info(
+            "Multi-scale testing at scales %s (longer side <= %d)",
+            list(cfg.TEST.AUG.MIN_SIZES),
+            cfg.TEST.AUG.MAX_SIZE,
+        )
+        model = MultiScaleRCNN(cfg, model)
+        results = OrderedDict()
+        for name in cfg.DATASETS.TEST:
+            evaluator = build_detection_evaluator(
+                name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA"), cfg
+            )
+            results[name + "_TTA"] = inference_on_dataset(
+                model, build_multiscale_test_loader(cfg, name), evaluator
+            )
+            if comm.is_main_process():
+                logger.info("Evaluation results for %s (multi-scale) in csv format:", name)
+                print_csv_format(results[name + "_TTA"])
+        return results
 
 
 __all__ = ["Trainer", "ddp_device_ids"]
