@@ -44,3 +44,33 @@ def run_train_net(args, datasets_root, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def toy_model(config="toy/frcn.yaml", *opts, seed=0):
+    """A model of one of the project's configs with random weights, in eval mode on CPU, and
+    its config (add_ohem_config applied, `opts` merged)."""
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    import ohem_d2
+    from ohem_d2.model_zoo import merge_config_file
+
+    torch.set_num_threads(1)
+    cfg = get_cfg()
+    ohem_d2.add_ohem_config(cfg)
+    merge_config_file(cfg, os.path.join(REPO, "configs", config))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *map(str, opts)])
+    torch.manual_seed(seed)
+    return build_model(cfg).eval(), cfg
+
+
+def random_image_and_proposals(height=64, width=96, num_proposals=12, seed=0):
+    """An (3, H, W) uint8 image and (R, 4) float32 XYXY proposal boxes inside it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(3, height, width, generator=g) * 255).to(torch.uint8)
+    size = torch.rand(num_proposals, 2, generator=g) * (min(height, width) / 2) + 8
+    corner = torch.rand(num_proposals, 2, generator=g) * (torch.tensor([width, height]) - size)
+    return image, torch.cat([corner, corner + size], dim=1)
