@@ -74,3 +74,59 @@ def random_image_and_proposals(height=64, width=96, num_proposals=12, seed=0):
     size = torch.rand(num_proposals, 2, generator=g) * (min(height, width) / 2) + 8
     corner = torch.rand(num_proposals, 2, generator=g) * (torch.tensor([width, height]) - size)
     return image, torch.cat([corner, corner + size], dim=1)
+
+
+# Detectron2 RPN models, narrow, with random weights (as tests/test_deploy.py builds them).
+ZOO_SMALL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
+    "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
+    "MODEL.FPN.OUT_CHANNELS", 16,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", 50,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
+    "TEST.DETECTIONS_PER_IMAGE", 5,
+]  # fmt: skip
+ZOO = {
+    "mask_fpn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+    "mask_c4": "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml",
+    "cascade": "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+}
+# Iterative box regression and box voting on (B).
+B_ON = ["TEST.ITERATIVE_BBOX_REG.ENABLED", "True", "TEST.BOX_VOTING.ENABLED", "True"]
+
+
+def zoo_model(name, *opts):
+    """A narrow Detectron2 model-zoo model with random weights, in eval mode, and its config."""
+    import torch
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from ohem_d2.config import add_ohem_config
+
+    torch.set_num_threads(1)
+    cfg = get_cfg()
+    add_ohem_config(cfg)
+    cfg.merge_from_file(model_zoo.get_config_file(ZOO[name]))
+    cfg.merge_from_list([*map(str, ZOO_SMALL), *opts])
+    torch.manual_seed(0)
+    return build_model(cfg).eval(), cfg
+
+
+def spread(model):
+    """Random weights give near-uniform scores and tiny deltas: spread both, so that scales
+    and passes give detections that differ."""
+    import torch
+
+    predictor = model.roi_heads.box_predictor
+    with torch.no_grad():
+        predictor.cls_score.weight.mul_(30)
+        predictor.bbox_pred.weight.mul_(100)
+    return model

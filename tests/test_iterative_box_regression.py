@@ -3,55 +3,26 @@ head built on FastRCNNOutputLayers, and off by default (inference unchanged)."""
 
 import pytest
 import torch
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
-from helpers import FAST, random_image_and_proposals, toy_model, toy_overrides
+from helpers import (
+    B_ON,
+    FAST,
+    ZOO,
+    random_image_and_proposals,
+    spread,
+    toy_model,
+    toy_overrides,
+    zoo_model,
+)
 
-from ohem_d2.config import add_ohem_config
 from ohem_d2.engine import Trainer
 from ohem_d2.modeling.iterative_box_regression import (
     BoxRefinementSettings,
     IterativeBoxRegressionWithVoting,
     candidate_detections,
 )
-
-# Detectron2 RPN models, narrow, with random weights (as tests/test_deploy.py builds them).
-ZOO_SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
-    "MODEL.FPN.OUT_CHANNELS", 16,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 50,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
-    "TEST.DETECTIONS_PER_IMAGE", 5,
-]  # fmt: skip
-ZOO = {
-    "mask_fpn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
-    "mask_c4": "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml",
-    "cascade": "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
-}
-B_ON = ["TEST.ITERATIVE_BBOX_REG.ENABLED", "True", "TEST.BOX_VOTING.ENABLED", "True"]
-
-
-def zoo_model(name, *opts):
-    torch.set_num_threads(1)
-    cfg = get_cfg()
-    add_ohem_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file(ZOO[name]))
-    cfg.merge_from_list([*map(str, ZOO_SMALL), *opts])
-    torch.manual_seed(0)
-    return build_model(cfg).eval(), cfg
 
 
 def fast_rcnn_input(seed=0):
@@ -125,11 +96,8 @@ def test_two_passes_are_the_box_transform_applied_twice_by_hand():
     model, cfg, inputs = build("toy/frcn.yaml", *B_ON)
     thresh = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     heads = model.roi_heads
-    with torch.no_grad():
-        # Random weights give near-uniform scores and tiny deltas, which RoI pooling at stride
-        # 16 cannot tell apart: spread both, so that the second pass sees other boxes.
-        heads.box_predictor.cls_score.weight.mul_(30)
-        heads.box_predictor.bbox_pred.weight.mul_(100)
+    # Random weights' tiny deltas move boxes less than RoI pooling at stride 16 can see.
+    spread(model)
     transform = Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS)
     with torch.no_grad():
         images = model.preprocess_image(inputs)
