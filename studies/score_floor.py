@@ -329,6 +329,37 @@ def format_table(table):
     return "\n".join(lines)
 
 
+def format_diagnosis(rows):
+    """Markdown: the floor's numbers per (label, seed, diagnosis) row (see :func:`diagnose`)."""
+    lines = [
+        "| run | seed | RBC score, all RoIs: p50 / p90 | RoIs with RBC >= 0.05 | kept RBC: min / "
+        "p10 | kept per image | images at the cap | cap's bar | above the lowest true "
+        "platelet (median; share >= 100) | hard-set make-up (RBC / WBC / Plt / bg) | all-RoI "
+        "make-up |",
+        "|---" * 11 + "|",
+    ]
+
+    def make_up(d, key):
+        m = d.get(f"make_up_{key}")
+        if m is None:
+            return "-"
+        return " / ".join(f"{100 * m[c]:.0f}" for c in ("RBC", "WBC", PLATELETS, "background"))
+
+    for label, seed, metrics in rows:
+        d = metrics["diagnosis"]
+        roi, kept = d["all_rois"]["RBC"], d["kept"]["RBC"]
+        above = d["above_lowest_true_platelet"]
+        lines.append(
+            f"| {label} | {seed} | {roi['p50']:.3f} / {roi['p90']:.3f} | "
+            f"{100 * d['all_rois_share_above_0.05']['RBC']:.1f} % | "
+            f"{kept['min']:.3f} / {kept['p10']:.3f} | {metrics['mean_detections_per_image']:.1f} | "
+            f"{100 * d['images_at_cap']:.0f} % | {metrics['median_lowest_kept_score']:.3f} | "
+            f"{above['median']} ; {100 * above['share_at_or_over_cap']:.0f} % | "
+            f"{make_up(d, 'hard')} | {make_up(d, 'all')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -341,7 +372,20 @@ def main(argv=None):
     t.add_argument("frcn_and_paper", help="pattern with {seed}: FRCN's and paper OHEM's runs")
     t.add_argument("--candidate", nargs="*", default=[], metavar="NAME=PATTERN")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    d = sub.add_parser("diagnosis", help="the floor's numbers of measured --diagnose runs")
+    d.add_argument("runs", nargs="+", metavar="LABEL=METHOD_DIR[:VARIANT]")
     args = parser.parse_args(argv)
+    if args.command == "diagnosis":
+        rows = []
+        for spec in args.runs:
+            label, rest = spec.split("=", 1)
+            method_dir, _, variant = rest.partition(":")
+            with open(os.path.join(method_dir, "summary.json")) as f:
+                seed = json.load(f)["seed"]
+            with open(os.path.join(method_dir, "score_floor.json")) as f:
+                rows.append((label, seed, json.load(f)[variant or "plain"]))
+        print(format_diagnosis(rows))
+        return 0
     if args.command == "measure":
         torch.set_num_threads(args.threads)
         measure(args.runs, args.diagnose, args.methods)
