@@ -237,22 +237,31 @@ def measure(run_dirs, with_diagnosis, methods=("frcn", "ohem")):
 
 
 def load_candidates(frcn_pattern, candidates, seeds):
-    """{name: {seed: metrics}} of FRCN and the study's candidates, from score_floor.json."""
+    """{name: {seed: metrics}} of FRCN and the study's candidates, from score_floor.json;
+    a run not measured yet is left out (its seed missing)."""
 
     def read(pattern, seed, method):
-        with open(os.path.join(pattern.format(seed=seed), method, "score_floor.json")) as f:
+        path = os.path.join(pattern.format(seed=seed), method, "score_floor.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
             return json.load(f)
 
-    table = {"frcn": {}, "paper": {}, "paper+prior": {}}
-    for seed in seeds:
-        table["frcn"][seed] = read(frcn_pattern, seed, "frcn")["plain"]
-        paper = read(frcn_pattern, seed, "ohem")
-        table["paper"][seed], table["paper+prior"][seed] = paper["plain"], paper["prior"]
-    for name, pattern in candidates.items():
-        table[name], table[name + "+prior"] = {}, {}
-        for seed in seeds:
-            runs = read(pattern, seed, "ohem")
-            table[name][seed], table[name + "+prior"][seed] = runs["plain"], runs["prior"]
+    patterns = {"frcn": (frcn_pattern, "frcn"), "paper": (frcn_pattern, "ohem")}
+    patterns.update({name: (pattern, "ohem") for name, pattern in candidates.items()})
+    table = {}
+    for name, (pattern, method) in patterns.items():
+        variants = (
+            {"plain": name} if method == "frcn" else {"plain": name, "prior": name + "+prior"}
+        )
+        for variant, label in variants.items():
+            table[label] = {}
+            for seed in seeds:
+                runs = read(pattern, seed, method)
+                if runs is not None:
+                    metrics = dict(runs[variant])
+                    metrics.pop("diagnosis", None)
+                    table[label][seed] = metrics
     return table
 
 
@@ -314,6 +323,8 @@ def format_table(table):
     lines = ["| candidate | seed | " + " | ".join(n for n, _ in cols) + " |"]
     lines.append("|---" * (len(cols) + 2) + "|")
     for name, runs in table.items():
+        if not runs:
+            continue
         for seed, m in sorted(runs.items()):
             lines.append(
                 f"| {name} | {seed} | " + " | ".join(cell(get(m), n) for n, get in cols) + " |"
@@ -369,9 +380,13 @@ def main(argv=None):
     m.add_argument("--methods", nargs="+", default=["frcn", "ohem"], choices=["frcn", "ohem"])
     m.add_argument("--threads", type=int, default=2)
     t = sub.add_parser("table")
-    t.add_argument("frcn_and_paper", help="pattern with {seed}: FRCN's and paper OHEM's runs")
+    t.add_argument(
+        "frcn_and_paper", nargs="?", help="pattern with {seed}: FRCN's and paper OHEM's runs"
+    )
     t.add_argument("--candidate", nargs="*", default=[], metavar="NAME=PATTERN")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    t.add_argument("--save", help="also write the table's numbers to this JSON file")
+    t.add_argument("--load", help="read the numbers from a JSON file written by --save")
     d = sub.add_parser("diagnosis", help="the floor's numbers of measured --diagnose runs")
     d.add_argument("runs", nargs="+", metavar="LABEL=METHOD_DIR[:VARIANT]")
     args = parser.parse_args(argv)
@@ -390,9 +405,21 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         measure(args.runs, args.diagnose, args.methods)
         return 0
-    candidates = dict(c.split("=", 1) for c in args.candidate)
-    table = load_candidates(args.frcn_and_paper, candidates, args.seeds)
+    if args.load:
+        with open(args.load) as f:
+            table = {k: {int(s): m for s, m in v.items()} for k, v in json.load(f).items()}
+    else:
+        candidates = dict(c.split("=", 1) for c in args.candidate)
+        table = load_candidates(args.frcn_and_paper, candidates, args.seeds)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(table, f, indent=1)
     print(format_table(table))
+    missing = {k: sorted(set(args.seeds) - set(v)) for k, v in table.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    if missing:
+        print(f"\nnot measured yet: {missing}; the rule decides only on every seed")
+        return 0
     order = [n for n in ORDER if n in table]
     winner, reasons = decide(table, order)
     print("\n" + "\n".join(reasons) + f"\n\nchosen: {winner}")
