@@ -54,22 +54,10 @@ def find_runs(path):
 
 def variant_cfg(method_dir, summary, variant, scales, max_size):
     """The demo run's config with the variant's options, evaluating into a temporary folder."""
-    from ohem_d2.demo import build_demo_cfg
+    from ohem_d2.demo import saved_run_cfg
 
-    cfg = build_demo_cfg(
-        summary["dataset"],
-        summary["method"],
-        os.path.dirname(method_dir),
-        summary["iterations"],
-        summary["seed"],
-        "cpu",
-        summary["ohem_opts"],
-        opts=summary["opts"],
-        holdout=summary["test_datasets"] == ["bccd_val"],
-    )
-    assert list(cfg.DATASETS.TEST) == summary["test_datasets"], (method_dir, cfg.DATASETS.TEST)
+    cfg = saved_run_cfg(method_dir, summary)
     multiscale, refine = VARIANTS[variant]
-    cfg.defrost()
     cfg.TEST.AUG.ENABLED = multiscale
     cfg.TEST.AUG.MIN_SIZES = tuple(scales)
     cfg.TEST.AUG.MAX_SIZE = max_size

@@ -26,28 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bccd_seed_table import load_runs  # noqa: E402
 
-from ohem_d2.demo import build_demo_cfg  # noqa: E402
+from ohem_d2.demo import saved_run_cfg  # noqa: E402
 from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 
 
 def evaluate(run_dir, summary, cap):
-    method = summary["method"]
-    cfg = build_demo_cfg(
-        "bccd",
-        method,
-        run_dir,
-        summary["iterations"],
-        summary["seed"],
-        "cpu",
-        summary["ohem_opts"],
-        opts=summary["opts"],
-        # A --holdout run is re-evaluated on its own split (bccd_val), never on bccd_test.
-        holdout=summary["test_datasets"] == ["bccd_val"],
-    )
-    assert list(cfg.DATASETS.TEST) == summary["test_datasets"], (run_dir, cfg.DATASETS.TEST)
-    weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    cfg.defrost()
+    method_dir = os.path.join(run_dir, summary["method"])
+    cfg = saved_run_cfg(method_dir, summary)
+    weights = os.path.join(method_dir, "model_final.pth")
     cfg.TEST.DETECTIONS_PER_IMAGE = cap
     cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="detection_cap_")
     cfg.freeze()

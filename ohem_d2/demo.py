@@ -106,6 +106,29 @@ def build_demo_cfg(
     return cfg
 
 
+def saved_run_cfg(method_dir, summary, device="cpu"):
+    """The (unfrozen) config a saved demo run trained with, from its folder
+    (<output-dir>/<method>) and summary.json; a --holdout run keeps its own test split
+    (bccd_val), never bccd_test."""
+    cfg = build_demo_cfg(
+        summary["dataset"],
+        summary["method"],
+        os.path.dirname(method_dir),
+        summary["iterations"],
+        summary["seed"],
+        device,
+        summary["ohem_opts"],
+        opts=summary["opts"],
+        holdout=summary["test_datasets"] == ["bccd_val"],
+    )
+    if list(cfg.DATASETS.TEST) != summary["test_datasets"]:
+        raise ValueError(
+            f"{method_dir}: evaluates on {summary['test_datasets']}, not {cfg.DATASETS.TEST}"
+        )
+    cfg.defrost()
+    return cfg
+
+
 def _probe_inputs(cfg, count):
     """`count` fixed training images, resized for the test (no flip), with their proposals
     and annotations, for the probes."""

@@ -32,21 +32,9 @@ ORDER = ("paper", "paper+prior", "fg25", "fg25+prior")
 
 
 def _cfg(method_dir, summary, prior_correction, cap):
-    from ohem_d2.demo import build_demo_cfg
+    from ohem_d2.demo import saved_run_cfg
 
-    cfg = build_demo_cfg(
-        summary["dataset"],
-        summary["method"],
-        os.path.dirname(method_dir),
-        summary["iterations"],
-        summary["seed"],
-        "cpu",
-        summary["ohem_opts"],
-        opts=summary["opts"],
-        holdout=summary["test_datasets"] == ["bccd_val"],
-    )
-    assert list(cfg.DATASETS.TEST) == summary["test_datasets"], (method_dir, cfg.DATASETS.TEST)
-    cfg.defrost()
+    cfg = saved_run_cfg(method_dir, summary)
     cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = prior_correction
     cfg.TEST.DETECTIONS_PER_IMAGE = cap
     cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="score_floor_")

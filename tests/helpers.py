@@ -76,7 +76,7 @@ def random_image_and_proposals(height=64, width=96, num_proposals=12, seed=0):
     return image, torch.cat([corner, corner + size], dim=1)
 
 
-# Detectron2 RPN models, narrow, with random weights (as tests/test_deploy.py builds them).
+# Detectron2 RPN models, narrow, with random weights (the M / B and deployment tests).
 ZOO_SMALL = [
     "MODEL.DEVICE", "cpu",
     "MODEL.WEIGHTS", "",

@@ -19,6 +19,7 @@ from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, StandardROIHeads
 from detectron2.structures import Boxes
+from helpers import ZOO_SMALL
 from torch import Tensor, nn
 
 from ohem_d2.config import add_ohem_config
@@ -39,23 +40,7 @@ MODELS = {
 # Narrow networks and a few RoIs; score threshold 0 so that random weights still detect,
 # and the mask and keypoint heads run. Unit-scale pixels: on raw ones, random weights give
 # keypoint logits in the thousands, which overflow Detectron2's heatmap decoding.
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
-    "MODEL.FPN.OUT_CHANNELS", 16,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 50,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
-    "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", "(16,)",
-    "TEST.DETECTIONS_PER_IMAGE", 5,
-]  # fmt: skip
+SMALL = [*map(str, ZOO_SMALL), "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", "(16,)"]
 
 # The fields tools/deploy/export_model.py declares for scripting.
 SCRIPT_FIELDS = {
