@@ -132,7 +132,7 @@ def diagnose(method_dir, summary, prior_correction):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import BoxMode
 
-    from ohem_d2.engine.loaders import proposal_mapper
+    from ohem_d2.engine.loaders import dataset_dicts_with_proposals, proposal_mapper
 
     cfg = _cfg(method_dir, summary, prior_correction, -1)
     model = _model(cfg, method_dir)
@@ -143,10 +143,11 @@ def diagnose(method_dir, summary, prior_correction):
     hook = model.roi_heads.box_predictor.register_forward_hook(
         lambda m, i, out: roi_probs.append(out[0].softmax(dim=1))
     )
-    from ohem_d2.engine.loaders import dataset_dicts_with_proposals
-
     dicts = dataset_dicts_with_proposals(
-        cfg.DATASETS.TEST, cfg.DATASETS.PROPOSAL_FILES_TEST, filter_empty=False, trusted=False
+        cfg.DATASETS.TEST,
+        cfg.DATASETS.PROPOSAL_FILES_TEST,
+        filter_empty=False,
+        trusted=cfg.DATASETS.PROPOSAL_FILES_TRUSTED,
     )
     assert len(dicts) == len(DatasetCatalog.get(name))
     mapper = proposal_mapper(cfg, False)
