@@ -99,6 +99,17 @@ def add_ohem_config(cfg):
     # of the hard sets (saved with the model) and, at inference, adds log(pi_all / pi_hard)
     # to the class logits. Training is unchanged. False: the paper.
     _C.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = False
+    # The class prior the correction moves the scores to. "ALL_ROIS": that of all labelled
+    # RoIs. "STOCK_SAMPLER": that of Detectron2's sampled minibatch, for which the stock
+    # test settings (SCORE_THRESH_TEST, DETECTIONS_PER_IMAGE) were tuned: a share
+    # ROI_HEADS.POSITIVE_FRACTION of foreground (the sampler's share on any image with at
+    # least POSITIVE_FRACTION x BATCH_SIZE_PER_IMAGE foreground RoIs), background the rest.
+    _C.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET = "ALL_ROIS"
+    # True: each foreground class moves to its share of all labelled foreground RoIs. False:
+    # only the foreground / background split moves; the foreground classes keep their
+    # proportions in the hard sets (so a rare class that OHEM mines often is not pushed
+    # down further than the others).
+    _C.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS = True
     # A faster, approximate readonly pass (beyond the paper; off by default). The hard set
     # then differs slightly from the exact one (benchmarks/README.md measures how much).
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY = CN()

@@ -27,15 +27,32 @@ import numpy as np
 import torch
 
 PLATELETS = "Platelets"
-# The study's candidates, by how far they depart from the paper (the rule's tie order).
+# The first protocol's candidates, by how far they depart from the paper (its tie order).
 ORDER = ("paper", "paper+prior", "fg25", "fg25+prior")
+# Inference settings of a trained OHEM model: the study's variants, by the label suffix of
+# their rows ("" for the plain model). The correction's target and per-class keys.
+VARIANTS = {
+    "plain": ("", None),
+    "prior": ("+prior", ("ALL_ROIS", True)),
+    "prior_fgbg": ("+prior-fgbg", ("ALL_ROIS", False)),
+    "sampler": ("+sampler", ("STOCK_SAMPLER", True)),
+    "sampler_fgbg": ("+sampler-fgbg", ("STOCK_SAMPLER", False)),
+}
+# The second protocol's candidates (the paper's trained models, corrected at test time).
+FLOOR_CANDIDATES = ("paper+prior", "paper+prior-fgbg", "paper+sampler", "paper+sampler-fgbg")
+# A seed's floor is gone when the cap's bar is at most this (FRCN's highest on bccd_val).
+FLOOR_BAR = 0.15
 
 
-def _cfg(method_dir, summary, prior_correction, cap):
+def _cfg(method_dir, summary, variant, cap):
     from ohem_d2.demo import saved_run_cfg
 
     cfg = saved_run_cfg(method_dir, summary)
-    cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = prior_correction
+    correction = VARIANTS[variant][1]
+    cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = correction is not None
+    if correction is not None:
+        cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET = correction[0]
+        cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS = correction[1]
     cfg.TEST.DETECTIONS_PER_IMAGE = cap
     cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="score_floor_")
     cfg.freeze()
@@ -51,14 +68,14 @@ def _model(cfg, method_dir):
     return model.eval()
 
 
-def evaluate(method_dir, summary, prior_correction):
+def evaluate(method_dir, summary, variant):
     """The demo's metrics and the cap's statistics of one model, at the cap of 100."""
     from detectron2.data import DatasetCatalog
 
     from ohem_d2.engine import Trainer
     from ohem_d2.engine.evaluation import detection_cap_statistics
 
-    cfg = _cfg(method_dir, summary, prior_correction, 100)
+    cfg = _cfg(method_dir, summary, variant, 100)
     results = Trainer.test(cfg, _model(cfg, method_dir))
     name = cfg.DATASETS.TEST[0]
     results = results.get(name, results)
@@ -90,10 +107,17 @@ def from_summary(method_dir, summary):
     }
 
 
-def _trained_with_prior_correction(summary):
-    opts = summary["ohem_opts"]
+def _own_variant(summary):
+    """The variant the run's own evaluation used (from its OHEM options)."""
+    opts = summary.get("ohem_opts") or []
     pairs = dict(zip(opts[::2], opts[1::2]))
-    return pairs.get("MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION", "False") == "True"
+    if pairs.get("MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION", "False") != "True":
+        return "plain"
+    own = (
+        pairs.get("MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET", "ALL_ROIS"),
+        pairs.get("MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS", "True") == "True",
+    )
+    return next(v for v, (_, c) in VARIANTS.items() if c == own)
 
 
 def _percentiles(values):
@@ -127,14 +151,14 @@ def above_lowest_true(detections, gt_boxes, cls, iou_thresh=0.5):
     return int((scores > found.min()).sum())
 
 
-def diagnose(method_dir, summary, prior_correction):
+def diagnose(method_dir, summary, variant):
     """Score distributions and the platelets' rank, without the cap (see the module doc)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import BoxMode
 
     from ohem_d2.engine.loaders import dataset_dicts_with_proposals, proposal_mapper
 
-    cfg = _cfg(method_dir, summary, prior_correction, -1)
+    cfg = _cfg(method_dir, summary, variant, -1)
     model = _model(cfg, method_dir)
     name = cfg.DATASETS.TEST[0]
     classes = MetadataCatalog.get(name).thing_classes
@@ -193,7 +217,7 @@ def diagnose(method_dir, summary, prior_correction):
     return out
 
 
-def measure(run_dirs, with_diagnosis, methods=("frcn", "ohem")):
+def measure(run_dirs, with_diagnosis, methods=("frcn", "ohem"), variants=tuple(VARIANTS)):
     from ohem_d2.engine import register_project_datasets
 
     register_project_datasets()
@@ -208,19 +232,23 @@ def measure(run_dirs, with_diagnosis, methods=("frcn", "ohem")):
             state = torch.load(
                 os.path.join(method_dir, "model_final.pth"), map_location="cpu", weights_only=True
             )["model"]
-            variants = {"plain": False}
-            if "roi_heads.ohem_class_counts_all" in state:
-                variants["prior"] = True
+            has_counts = "roi_heads.ohem_class_counts_all" in state
+            out = os.path.join(method_dir, "score_floor.json")
             result = {}
-            for variant, prior in variants.items():
+            if os.path.isfile(out):  # variants measured before are kept
+                with open(out) as f:
+                    result = json.load(f)
+            for variant in variants:
+                if variant != "plain" and not has_counts:
+                    continue
                 # The run's own evaluation already is this variant's: no second pass.
-                if prior == _trained_with_prior_correction(summary):
+                if variant == _own_variant(summary):
                     result[variant] = from_summary(method_dir, summary)
                 else:
-                    result[variant] = evaluate(method_dir, summary, prior)
+                    result[variant] = evaluate(method_dir, summary, variant)
                 if with_diagnosis:
-                    result[variant]["diagnosis"] = diagnose(method_dir, summary, prior)
-            with open(os.path.join(method_dir, "score_floor.json"), "w") as f:
+                    result[variant]["diagnosis"] = diagnose(method_dir, summary, variant)
+            with open(out, "w") as f:
                 json.dump(result, f, indent=1)
             print(method_dir, json.dumps({k: v["voc_AP50_allpoint"] for k, v in result.items()}))
 
@@ -240,17 +268,16 @@ def load_candidates(frcn_pattern, candidates, seeds):
     patterns.update({name: (pattern, "ohem") for name, pattern in candidates.items()})
     table = {}
     for name, (pattern, method) in patterns.items():
-        variants = (
-            {"plain": name} if method == "frcn" else {"plain": name, "prior": name + "+prior"}
-        )
-        for variant, label in variants.items():
-            table[label] = {}
+        variants = ["plain"] if method == "frcn" else list(VARIANTS)
+        for variant in variants:
+            label = name + VARIANTS[variant][0]
+            rows = {}
             for seed in seeds:
                 runs = read(pattern, seed, method)
-                if runs is not None:
-                    metrics = dict(runs[variant])
-                    metrics.pop("diagnosis", None)
-                    table[label][seed] = metrics
+                if runs is not None and variant in runs:
+                    rows[seed] = {k: v for k, v in runs[variant].items() if k != "diagnosis"}
+            if rows or variant in ("plain", "prior"):
+                table[label] = rows
     return table
 
 
@@ -292,6 +319,43 @@ def decide(table, order=ORDER):
             reasons.append(f"gain over paper {diffs} is inside the seed noise: paper stays")
             winner = "paper"
     return winner, reasons
+
+
+def decide_floor(table, candidates=FLOOR_CANDIDATES):
+    """The second protocol's rule (studies/bccd_score_floor.md). Returns (choice or None,
+    reasons): None keeps paper OHEM as the only OHEM of the demo."""
+    frcn, paper = table["frcn"], table["paper"]
+    seeds = sorted(frcn)
+
+    def platelets(m):
+        return m["per_class_AP50_allpoint"][PLATELETS]
+
+    def mean(name, key):
+        return statistics.mean(table[name][s][key] for s in seeds)
+
+    eligible, reasons = [], []
+    for name in candidates:
+        runs = table[name]
+        no_floor = sum(runs[s]["median_lowest_kept_score"] <= FLOOR_BAR for s in seeds)
+        kept = sum(platelets(runs[s]) >= 0.8 * platelets(frcn[s]) for s in seeds)
+        reasons.append(f"{name}: floor gone on {no_floor}, platelets kept on {kept} seeds")
+        if no_floor == kept == len(seeds):
+            eligible.append(name)
+    if not eligible:
+        reasons.append("no candidate is eligible: paper OHEM stays the only OHEM")
+        return None, reasons
+    top = max(mean(n, "voc_AP50_allpoint") for n in eligible)
+    tied = [n for n in eligible if mean(n, "voc_AP50_allpoint") >= top - 1.0]
+    best = max(tied, key=lambda n: mean(n, "coco_AP"))
+    gaps = {
+        key: mean(best, key) - statistics.mean(paper[s][key] for s in seeds)
+        for key in ("voc_AP50_allpoint", "coco_AP")
+    }
+    reasons.append(f"eligible: {eligible}; best: {best}; against paper: {gaps}")
+    if min(gaps.values()) < -1.0:
+        reasons.append("it loses more than 1.0 against paper OHEM: not recommended")
+        return None, reasons
+    return best, reasons
 
 
 def format_table(table):
@@ -368,6 +432,7 @@ def main(argv=None):
     m.add_argument("--diagnose", action="store_true")
     m.add_argument("--methods", nargs="+", default=["frcn", "ohem"], choices=["frcn", "ohem"])
     m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     t = sub.add_parser("table")
     t.add_argument(
         "frcn_and_paper", nargs="?", help="pattern with {seed}: FRCN's and paper OHEM's runs"
@@ -392,7 +457,7 @@ def main(argv=None):
         return 0
     if args.command == "measure":
         torch.set_num_threads(args.threads)
-        measure(args.runs, args.diagnose, args.methods)
+        measure(args.runs, args.diagnose, args.methods, args.variants)
         return 0
     if args.load:
         with open(args.load) as f:
@@ -412,6 +477,9 @@ def main(argv=None):
     order = [n for n in ORDER if n in table]
     winner, reasons = decide(table, order)
     print("\n" + "\n".join(reasons) + f"\n\nchosen: {winner}")
+    if all(n in table for n in FLOOR_CANDIDATES):
+        choice, reasons = decide_floor(table)
+        print("\nsecond protocol:\n" + "\n".join(reasons) + f"\n\nrecommended: {choice}")
     return 0
 
 

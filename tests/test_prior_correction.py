@@ -13,9 +13,11 @@ from test_ohem_roi_heads import _batch, _build, _cfg, _train_step
 NAME = "OHEMROIHeads"
 
 
-def _head(prior_correction=True, name=NAME):
+def _head(prior_correction=True, name=NAME, **opts):
     cfg = _cfg(name)
     cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = prior_correction
+    for key, value in opts.items():
+        cfg.MODEL.ROI_HEADS.OHEM[key] = value
     return _build(cfg)
 
 
@@ -33,6 +35,34 @@ def test_shift_is_log_prior_ratio_by_hand():
     expected = [math.log(0.01 / 0.4), math.log(0.02 / 0.2), math.log(0.03 / 0.1)]
     expected.append(math.log(0.94 / 0.3))
     torch.testing.assert_close(head.class_prior_shift(), torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "target, per_class, expected",
+    [
+        # The foreground share of all RoIs (0.06), each class as in all RoIs.
+        ("ALL_ROIS", True, [0.01, 0.02, 0.03, 0.94]),
+        # The foreground share of all RoIs, split as in the hard sets (4 : 2 : 1).
+        ("ALL_ROIS", False, [0.06 * 4 / 7, 0.06 * 2 / 7, 0.06 * 1 / 7, 0.94]),
+        # The stock sampler's 25 % foreground (ROI_HEADS.POSITIVE_FRACTION), split as in
+        # all RoIs (1 : 2 : 3), or as in the hard sets.
+        ("STOCK_SAMPLER", True, [0.25 / 6, 0.25 * 2 / 6, 0.25 * 3 / 6, 0.75]),
+        ("STOCK_SAMPLER", False, [0.25 * 4 / 7, 0.25 * 2 / 7, 0.25 * 1 / 7, 0.75]),
+    ],
+)
+def test_shift_to_each_target_by_hand(target, per_class, expected):
+    head = _head(PRIOR_CORRECTION_TARGET=target, PRIOR_CORRECTION_PER_CLASS=per_class)
+    _set_counts(head)
+    hard = [0.4, 0.2, 0.1, 0.3]
+    shift = [math.log(t / h) for t, h in zip(expected, hard)]
+    torch.testing.assert_close(head.class_prior_shift(), torch.tensor(shift))
+    if not per_class:  # the foreground classes all move by the same amount
+        assert len({round(x, 5) for x in head.class_prior_shift()[:-1].tolist()}) == 1
+
+
+def test_unknown_target_refused():
+    with pytest.raises(ValueError, match="PRIOR_CORRECTION_TARGET"):
+        _head(PRIOR_CORRECTION_TARGET="ALL")
 
 
 def test_inference_equals_stock_head_with_shift_in_bias():

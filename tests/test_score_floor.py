@@ -2,7 +2,7 @@
 
 import torch
 
-from studies.score_floor import above_lowest_true, decide
+from studies.score_floor import FLOOR_CANDIDATES, above_lowest_true, decide, decide_floor
 
 SEEDS = range(5)
 
@@ -70,3 +70,40 @@ def test_detections_above_the_lowest_true_platelet():
     assert above_lowest_true((scores, classes, boxes), gt, platelet) == 3
     assert above_lowest_true((scores, classes, boxes), gt[2:], platelet) is None
     assert above_lowest_true((scores, classes, boxes), [], platelet) is None
+
+
+def _floor_table(bars, platelets, maps, cocos):
+    """FRCN, paper and the four corrections; per candidate (bar, platelets, mAP50, COCO AP)."""
+    table = {"frcn": _runs([64] * 5, [30] * 5), "paper": _runs([68] * 5, [38] * 5)}
+    for name in FLOOR_CANDIDATES:
+        table[name] = _runs([maps[name]] * 5, [platelets[name]] * 5)
+        for s in range(5):
+            table[name][s]["median_lowest_kept_score"] = bars[name]
+            table[name][s]["coco_AP"] = cocos[name]
+    for s in range(5):
+        table["paper"][s]["coco_AP"] = 34.0
+    return table
+
+
+def test_floor_rule_needs_the_floor_gone_and_the_platelets_kept():
+    names = FLOOR_CANDIDATES  # prior, prior-fgbg, sampler, sampler-fgbg
+    bars = dict(zip(names, [0.05, 0.05, 0.16, 0.10]))
+    platelets = dict(zip(names, [0.0, 24.0, 40.0, 36.0]))  # 0.8 x 30 = 24: kept
+    maps = dict(zip(names, [60.0, 69.0, 70.0, 68.5]))
+    cocos = dict(zip(names, [33.0, 33.5, 34.0, 34.5]))
+    choice, reasons = decide_floor(_floor_table(bars, platelets, maps, cocos))
+    # prior: platelets lost; sampler: floor left (0.16 > 0.15). prior-fgbg (69.0) and
+    # sampler-fgbg (68.5) tie within 1.0: the higher COCO AP wins.
+    assert choice == "paper+sampler-fgbg", reasons
+    # The same, 1.5 below paper OHEM's mAP50: not recommended.
+    maps = {n: m - 2.0 for n, m in maps.items()}
+    assert decide_floor(_floor_table(bars, platelets, maps, cocos))[0] is None
+
+
+def test_floor_rule_without_an_eligible_candidate_recommends_nothing():
+    names = FLOOR_CANDIDATES
+    bars = dict.fromkeys(names, 0.3)
+    table = _floor_table(
+        bars, dict.fromkeys(names, 40.0), dict.fromkeys(names, 70.0), dict.fromkeys(names, 35.0)
+    )
+    assert decide_floor(table)[0] is None

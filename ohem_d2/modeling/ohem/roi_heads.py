@@ -54,7 +54,16 @@ class OHEMHeadMixin:
     """
 
     @configurable
-    def __init__(self, *, miner: HardExampleMiner, prior_correction: bool = False, **kwargs):
+    def __init__(
+        self,
+        *,
+        miner: HardExampleMiner,
+        prior_correction: bool = False,
+        prior_target: str = "ALL_ROIS",
+        prior_per_class: bool = True,
+        sampler_fg_fraction: float = 0.25,
+        **kwargs,
+    ):
         """
         Args:
             miner: the hard example miner.
@@ -64,6 +73,13 @@ class OHEMHeadMixin:
                 model), and at inference add log(pi_all / pi_hard) to the class logits: the
                 hard sets are mostly foreground, so the classifier learns a class prior far
                 from the one it meets at test time, where most RoIs are background.
+            prior_target: the prior of the correction (pi_all above): "ALL_ROIS", or
+                "STOCK_SAMPLER", the prior of Detectron2's sampled minibatch: a share
+                `sampler_fg_fraction` of foreground, the classes within it as in all RoIs.
+            prior_per_class: False moves only the foreground / background split to the
+                target; the foreground classes keep their proportions in the hard sets.
+            sampler_fg_fraction: the stock sampler's foreground share
+                (``ROI_HEADS.POSITIVE_FRACTION``).
             kwargs: the arguments of the parent ROI head.
         """
         super().__init__(**kwargs)
@@ -72,6 +88,19 @@ class OHEMHeadMixin:
         for predictor in predictors if isinstance(predictors, nn.ModuleList) else [predictors]:
             check_box_predictor_supported(predictor)
         self.prior_correction = prior_correction
+        if prior_target not in ("ALL_ROIS", "STOCK_SAMPLER"):
+            raise ValueError(
+                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET must be 'ALL_ROIS' or "
+                f"'STOCK_SAMPLER', got {prior_target!r}"
+            )
+        if prior_target == "STOCK_SAMPLER" and not 0.0 < sampler_fg_fraction < 1.0:
+            raise ValueError(
+                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET 'STOCK_SAMPLER' needs "
+                f"0 < ROI_HEADS.POSITIVE_FRACTION < 1, got {sampler_fg_fraction}"
+            )
+        self.prior_target = prior_target
+        self.prior_per_class = prior_per_class
+        self.sampler_fg_fraction = sampler_fg_fraction
         if prior_correction:
             if isinstance(predictors, nn.ModuleList):
                 raise ValueError(
@@ -90,11 +119,20 @@ class OHEMHeadMixin:
         ret = super().from_config(cfg, input_shape)
         ret["miner"] = HardExampleMiner(cfg)
         ret["prior_correction"] = cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION
+        ret["prior_target"] = cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET
+        ret["prior_per_class"] = cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS
+        ret["sampler_fg_fraction"] = cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION
         return ret
 
     def class_prior_shift(self) -> torch.Tensor:
-        """(K+1,) log(pi_all / pi_hard) per class (background last), from the counts of
-        training with one added to each (so that a class never mined stays finite)."""
+        """(K+1,) log(pi_target / pi_hard) per class (background last), from the counts of
+        training with one added to each (so that a class never mined stays finite).
+
+        pi_target is pi_all, the prior of all labelled RoIs, for ``prior_target`` "ALL_ROIS";
+        for "STOCK_SAMPLER", background 1 - f and foreground class k f * pi_all[k] / (sum of
+        pi_all over the foreground), f = ``sampler_fg_fraction``. Without
+        ``prior_per_class``, the target's foreground share is split between the classes as in
+        the hard sets instead."""
         counts_all = self.ohem_class_counts_all.double() + 1
         counts_hard = self.ohem_class_counts_hard.double() + 1
         if counts_all.sum() == counts_all.numel():
@@ -105,7 +143,12 @@ class OHEMHeadMixin:
             )
         prior_all = counts_all / counts_all.sum()
         prior_hard = counts_hard / counts_hard.sum()
-        return (prior_all.log() - prior_hard.log()).float()
+        fg_share = 1 - prior_all[-1:]
+        if self.prior_target == "STOCK_SAMPLER":
+            fg_share = torch.full_like(fg_share, self.sampler_fg_fraction)
+        within_fg = (prior_all if self.prior_per_class else prior_hard)[:-1]
+        target = torch.cat([fg_share * within_fg / within_fg.sum(), 1 - fg_share])
+        return (target.log() - prior_hard.log()).float()
 
     def _correct_class_prior(self, predictor, inputs, outputs):
         """Forward hook of the box predictor: at inference, shift the class logits."""
