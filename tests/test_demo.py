@@ -164,3 +164,33 @@ def test_hard_example_pictures_leave_the_trained_model_and_its_random_draws_unto
         torch.nn.functional.dropout(torch.ones(4), 0.5, training=True)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
     assert not torch.equal(rng, torch.get_rng_state())
+
+
+def test_roi_loss_probe_sees_the_scores_as_trained_under_prior_correction():
+    """Fig. 3's all-RoI loss is the training loss: a model with PRIOR_CORRECTION on (an
+    inference-time shift) must give the probe the same losses as the same weights without."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ohem_d2.data.bccd import register_bccd
+    from ohem_d2.demo import _probe_inputs, build_demo_cfg
+    from ohem_d2.engine import Trainer
+    from ohem_d2.engine.hooks import RoILossProbe
+
+    register_bccd()
+    opts = ["MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION", "True"]
+    corrected = Trainer.build_model(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu", opts))
+    plain = Trainer.build_model(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu"))
+    plain.load_state_dict(corrected.state_dict(), strict=False)
+    corrected.roi_heads.ohem_class_counts_all.copy_(torch.tensor([90, 17, 4, 889]))
+    corrected.roi_heads.ohem_class_counts_hard.copy_(torch.tensor([44, 7, 4, 45]))
+    inputs = _probe_inputs(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu"), 1)
+    losses = []
+    for model in (corrected, plain):
+        probe = RoILossProbe(inputs, 1, "unused")
+        probe.trainer = SimpleNamespace(model=model)
+        losses.append(probe.roi_losses()[0])
+    torch.testing.assert_close(losses[0], losses[1])
+    # Control: the correction does change the scores it is applied to.
+    assert corrected.roi_heads.class_prior_shift().abs().min() > 0.1

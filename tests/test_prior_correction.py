@@ -142,3 +142,25 @@ def test_counts_survive_deepcopy_and_cascade_refuses():
     assert not torch.equal(clone.class_prior_shift(), head.class_prior_shift())
     with pytest.raises(ValueError, match="single-stage"):
         _head(name="OHEMCascadeROIHeads")
+
+
+def test_uncorrected_gives_the_scores_as_trained():
+    head = _head()
+    _set_counts(head)
+    head.eval()
+    plain = _head(False).eval()
+    plain.load_state_dict(
+        {k: v for k, v in head.state_dict().items() if not k.startswith("ohem_class")}
+    )
+    features, proposals, _ = _batch(NAME)
+    with torch.no_grad():
+        with head.uncorrected():
+            out, _ = head(None, features, proposals)
+        ref, _ = plain(None, features, proposals)
+        shifted, _ = head(None, features, proposals)  # the shift is back after the block
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.scores, b.scores)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+    assert any(
+        len(a) != len(b) or not torch.allclose(a.scores, b.scores) for a, b in zip(shifted, ref)
+    )

@@ -1,6 +1,7 @@
 """Training hooks that show what OHEM does: the loss over all RoIs (paper Fig. 3) and
 pictures of the hard RoIs it picks."""
 
+import contextlib
 import json
 import os
 
@@ -52,13 +53,15 @@ class RoILossProbe(HookBase):
         model = _unwrap(self.trainer.model)
         was_training = model.training
         model.eval()
+        head = model.roi_heads
+        # The loss of the scores as trained: without an inference-time prior shift.
+        uncorrected = getattr(head, "uncorrected", contextlib.nullcontext)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), uncorrected():
                 images = model.preprocess_image(self.inputs)
                 features = model.backbone(images.tensor)
                 proposals = model.select_proposals(self.inputs)
                 targets = [x["instances"].to(model.device) for x in self.inputs]
-                head = model.roi_heads
                 labeled = label_all_rois(proposals, targets, head.num_classes)
                 network = readonly_head(head)
                 feats = [features[f] for f in head.in_features]

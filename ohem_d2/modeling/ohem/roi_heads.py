@@ -18,6 +18,8 @@ Deployment is Detectron2's: tracing works for every head, and TorchScript script
 :class:`OHEMRes5ROIHeads`, as for their parents.
 """
 
+import contextlib
+
 import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import (
@@ -150,9 +152,21 @@ class OHEMHeadMixin:
         target = torch.cat([fg_share * within_fg / within_fg.sum(), 1 - fg_share])
         return (target.log() - prior_hard.log()).float()
 
+    @contextlib.contextmanager
+    def uncorrected(self):
+        """Inside the block, inference gives the scores as trained, without the prior shift:
+        the paper's OHEM from a model trained with ``PRIOR_CORRECTION`` on (its training is
+        the paper's), or a training-loss probe. A no-op without the option."""
+        was = getattr(self, "_shift_scores", True)
+        self._shift_scores = False
+        try:
+            yield self
+        finally:
+            self._shift_scores = was
+
     def _correct_class_prior(self, predictor, inputs, outputs):
         """Forward hook of the box predictor: at inference, shift the class logits."""
-        if self.training:
+        if self.training or not getattr(self, "_shift_scores", True):
             return outputs
         scores, deltas = outputs
         return scores + self.class_prior_shift().to(scores), deltas
