@@ -30,6 +30,17 @@ import time
 from .engine.allocator import allocator_in_use, relaunch_with_allocator
 
 METHODS = {"frcn": "FRCN (heuristic sampling)", "ohem": "OHEM"}
+# The OHEM settings the demo recommends for dense images beside the paper's, chosen on
+# bccd_val (studies/bccd_score_floor.md). They change inference only: the OHEM run trains
+# once (its training is the paper's) and is evaluated both ways, into <output-dir>/ohem
+# (paper) and <output-dir>/ohem_recommended.
+RECOMMENDED_OHEM_OPTS = (
+    "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION",
+    "True",
+    "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET",
+    "STOCK_SAMPLER",
+)
+RECOMMENDED_DIR = "ohem_recommended"
 DATASETS = {"bccd": "BCCD blood cells", "toy": "embedded synthetic shapes"}
 # Detections drawn in detections.png: at least this score, for this many test images.
 DRAW_SCORE, DRAW_IMAGES = 0.5, 3
@@ -207,22 +218,94 @@ def _flat_results(storage):
     return {k: v for k, (v, _) in storage.latest().items()}
 
 
-def run_one(
-    dataset, method, output_dir, iters, seed, device, ohem_opts=(), *, opts=(), holdout=False
-):
-    """Train and evaluate one method in this process; write <output_dir>/<method>/summary.json."""
-    import torch
+def _as_trained(model):
+    """A block in which an OHEM head gives its scores as trained: paper OHEM's, without a
+    recommended inference-time prior correction (a no-op for other heads)."""
+    import contextlib
+
+    head = getattr(model, "module", model).roi_heads
+    return getattr(head, "uncorrected", contextlib.nullcontext)()
+
+
+def _test_metrics(cfg, results):
+    """The summary's metrics from flat evaluation results ("voc_bbox/...", "bbox/...") and
+    the detections the evaluator wrote under cfg.OUTPUT_DIR."""
     from detectron2.data import DatasetCatalog
+
+    from .engine.evaluation import detection_cap_statistics
+
+    test_name = cfg.DATASETS.TEST[0]
+    return {
+        "voc_AP50_11point": results["voc_bbox/mAP50_11point"],
+        "voc_AP50_allpoint": results["voc_bbox/mAP50_allpoint"],
+        "per_class_AP50_allpoint": {
+            k.split("-", 1)[1]: v
+            for k, v in results.items()
+            if k.startswith("voc_bbox/AP50_allpoint-")
+        },
+        "coco_AP": results["bbox/AP"],
+        "coco_AP50": results["bbox/AP50"],
+        "coco_AP75": results["bbox/AP75"],
+        **detection_cap_statistics(
+            os.path.join(cfg.OUTPUT_DIR, "inference", test_name, "coco_instances_results.json"),
+            len(DatasetCatalog.get(test_name)),
+        ),
+    }
+
+
+def _evaluate_recommended(cfg, model, summary):
+    """Evaluate the trained OHEM model with RECOMMENDED_OHEM_OPTS into <output>/RECOMMENDED_DIR;
+    its summary is the run's with these metrics and ``"recommended": true``."""
+    from detectron2.evaluation.testing import flatten_results_dict
+
+    from .engine import Trainer
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = os.path.join(os.path.dirname(cfg.OUTPUT_DIR), RECOMMENDED_DIR)
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    results = flatten_results_dict(Trainer.test(cfg, model))
+    save_test_detections(cfg, model, os.path.join(cfg.OUTPUT_DIR, "detections.json"))
+    recommended = {**summary, **_test_metrics(cfg, results), "recommended": True}
+    recommended["inference_opts"] = list(RECOMMENDED_OHEM_OPTS)
+    with open(os.path.join(cfg.OUTPUT_DIR, "summary.json"), "w") as f:
+        json.dump(recommended, f, indent=1)
+    return recommended
+
+
+def run_one(
+    dataset,
+    method,
+    output_dir,
+    iters,
+    seed,
+    device,
+    ohem_opts=(),
+    *,
+    opts=(),
+    holdout=False,
+    recommended=True,
+):
+    """Train and evaluate one method in this process; write <output_dir>/<method>/summary.json
+    and, for OHEM with `recommended`, <output_dir>/RECOMMENDED_DIR/summary.json."""
+    import shutil
+
+    import torch
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
     from .engine import Trainer, register_project_datasets
-    from .engine.evaluation import detection_cap_statistics
     from .engine.hooks import HardExampleSnapshot, RoILossProbe, TrainingProgress
 
+    recommended = recommended and method == "ohem" and bool(RECOMMENDED_OHEM_OPTS)
+    # The recommended settings need what training records (the class counts); training
+    # itself is the paper's, and every evaluation below but the recommended one is paper's.
+    train_opts = list(ohem_opts) + (list(RECOMMENDED_OHEM_OPTS) if recommended else [])
     cfg = build_demo_cfg(
-        dataset, method, output_dir, iters, seed, device, ohem_opts, opts=opts, holdout=holdout
+        dataset, method, output_dir, iters, seed, device, train_opts, opts=opts, holdout=holdout
     )
+    shutil.rmtree(os.path.join(output_dir, RECOMMENDED_DIR), ignore_errors=True)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     # Detectron2's full log goes to <method>/log.txt; the terminal gets a progress bar.
     setup_logger(cfg.OUTPUT_DIR, configure_stdout=False)
@@ -234,6 +317,11 @@ def run_one(
     snapshot_iters = sorted({1, max(1, iters // 2), iters})
 
     class DemoTrainer(Trainer):
+        @classmethod
+        def test(cls, cfg, model, evaluators=None):
+            with _as_trained(model):
+                return super().test(cfg, model, evaluators)
+
         def build_hooks(self):
             hooks = super().build_hooks()
             extra = [
@@ -258,17 +346,13 @@ def run_one(
     trainer.train()
     # The final evaluation (Detectron2's EvalHook) leaves its metrics in the storage.
     results = _flat_results(trainer.storage)
-    save_test_detections(cfg, trainer.model, os.path.join(cfg.OUTPUT_DIR, "detections.json"))
+    with _as_trained(trainer.model):
+        save_test_detections(cfg, trainer.model, os.path.join(cfg.OUTPUT_DIR, "detections.json"))
     with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
         times = [json.loads(line).get("time") for line in f]
     times = [t for t in times if t is not None]
     with open(os.path.join(cfg.OUTPUT_DIR, "roi_loss_probe.json")) as f:
         probe = json.load(f)
-    test_name = cfg.DATASETS.TEST[0]
-    cap_stats = detection_cap_statistics(
-        os.path.join(cfg.OUTPUT_DIR, "inference", test_name, "coco_instances_results.json"),
-        len(DatasetCatalog.get(test_name)),
-    )
     summary = {
         "dataset": dataset,
         "method": method,
@@ -280,17 +364,7 @@ def run_one(
         "test_datasets": list(cfg.DATASETS.TEST),
         "device": cfg.MODEL.DEVICE,
         "init_weights_sha256": init_digest,
-        "voc_AP50_11point": results["voc_bbox/mAP50_11point"],
-        "voc_AP50_allpoint": results["voc_bbox/mAP50_allpoint"],
-        "per_class_AP50_allpoint": {
-            k.split("-", 1)[1]: v
-            for k, v in results.items()
-            if k.startswith("voc_bbox/AP50_allpoint-")
-        },
-        "coco_AP": results["bbox/AP"],
-        "coco_AP50": results["bbox/AP50"],
-        "coco_AP75": results["bbox/AP75"],
-        **cap_stats,
+        **_test_metrics(cfg, results),
         "final_roi_loss": {k: probe[k][-1] for k in RoILossProbe.KEYS},
         "s_per_iter": statistics.median(times) if times else float("nan"),
         # ru_maxrss is in KiB on Linux.
@@ -304,11 +378,17 @@ def run_one(
     }
     with open(os.path.join(cfg.OUTPUT_DIR, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if recommended:
+        _evaluate_recommended(cfg, trainer.model, summary)
     return summary
 
 
 def _optional(value, fmt):
     return "-" if value is None else fmt.format(value)
+
+
+def _label(summary):
+    return METHODS[summary["method"]] + (" (recommended)" if summary.get("recommended") else "")
 
 
 def format_table(summaries):
@@ -348,7 +428,7 @@ def format_table(summaries):
         ("memory allocator", lambda s: s["allocator"]),
         ("device", lambda s: s["device"]),
     ]
-    lines = ["| metric | " + " | ".join(METHODS[s["method"]] for s in summaries) + " |"]
+    lines = ["| metric | " + " | ".join(_label(s) for s in summaries) + " |"]
     lines.append("|---" * (len(summaries) + 1) + "|")
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(s) for s in summaries) + " |")
@@ -388,22 +468,23 @@ def plot_roi_loss(output_dir, methods):
     return data
 
 
-def draw_detections(output_dir, methods, class_names):
-    """detections.png: one row per test image, one panel per method (GT yellow, detections
-    with score >= DRAW_SCORE coloured by class, with class and score)."""
+def draw_detections(output_dir, panels, class_names):
+    """detections.png: one row per test image, one panel per (folder, title) of `panels`
+    (GT yellow, detections with score >= DRAW_SCORE coloured by class, with class and
+    score)."""
     import cv2
     import numpy as np
 
     from .engine.hooks import GT_COLOUR
 
     per_method = {}
-    for method in methods:
+    for method, _ in panels:
         with open(os.path.join(output_dir, method, "detections.json")) as f:
             per_method[method] = json.load(f)
     rows = []
-    for k in range(len(per_method[methods[0]])):
-        panels = []
-        for method in methods:
+    for k in range(len(per_method[panels[0][0]])):
+        row = []
+        for method, name in panels:
             rec = per_method[method][k]
             img = cv2.imread(rec["file_name"])
             for box in rec["gt_boxes"]:
@@ -419,11 +500,11 @@ def draw_detections(output_dir, methods, class_names):
                 cv2.putText(
                     img, label, (x0 + 2, y0 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1
                 )
-            title = f"{METHODS[method]}: score >= {DRAW_SCORE}, ground truth yellow"
+            title = f"{name}: score >= {DRAW_SCORE}, ground truth yellow"
             cv2.rectangle(img, (0, 0), (img.shape[1], 26), (0, 0, 0), -1)
             cv2.putText(img, title, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, GT_COLOUR, 1)
-            panels.append(cv2.copyMakeBorder(img, 2, 2, 2, 2, cv2.BORDER_CONSTANT))
-        rows.append(np.concatenate(panels, axis=1))
+            row.append(cv2.copyMakeBorder(img, 2, 2, 2, 2, cv2.BORDER_CONSTANT))
+        rows.append(np.concatenate(row, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [cv2.copyMakeBorder(r, 0, 0, 0, width - r.shape[1], cv2.BORDER_CONSTANT) for r in rows]
     path = os.path.join(output_dir, "detections.png")
@@ -483,6 +564,11 @@ def main(argv=None):
         help="train on bccd_train, evaluate on bccd_val (BCCD's own split of trainval): "
         "for choosing settings without looking at bccd_test",
     )
+    parser.add_argument(
+        "--paper-only",
+        action="store_true",
+        help="OHEM as the paper only: no column with the recommended OHEM settings",
+    )
     parser.add_argument("--run", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if len(args.ohem_opts) % 2:
@@ -516,6 +602,7 @@ def main(argv=None):
             args.ohem_opts,
             opts=args.opts,
             holdout=args.holdout,
+            recommended=not args.paper_only,
         )
         return 0
 
@@ -543,9 +630,14 @@ def main(argv=None):
             cmd += ["--opts", *args.opts]
         if args.holdout:
             cmd.append("--holdout")
+        if args.paper_only:
+            cmd.append("--paper-only")
         subprocess.run(cmd, check=True)
-        with open(os.path.join(args.output_dir, method, "summary.json")) as f:
-            summaries.append(json.load(f))
+        for folder in (method, RECOMMENDED_DIR) if method == "ohem" else (method,):
+            path = os.path.join(args.output_dir, folder, "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    summaries.append({**json.load(f), "folder": folder})
     table = format_table(summaries)
     plot_roi_loss(args.output_dir, args.methods)
     from detectron2.data import MetadataCatalog
@@ -554,7 +646,9 @@ def main(argv=None):
 
     register_project_datasets()
     draw_detections(
-        args.output_dir, args.methods, MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes
+        args.output_dir,
+        [(s.pop("folder"), _label(s)) for s in summaries],
+        MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes,
     )
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summaries, f, indent=1)

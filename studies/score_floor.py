@@ -276,7 +276,7 @@ def load_candidates(frcn_pattern, candidates, seeds):
                 runs = read(pattern, seed, method)
                 if runs is not None and variant in runs:
                     rows[seed] = {k: v for k, v in runs[variant].items() if k != "diagnosis"}
-            if rows or variant in ("plain", "prior"):
+            if label in ("frcn", *ORDER, *FLOOR_CANDIDATES):  # the protocols' rows only
                 table[label] = rows
     return table
 

@@ -9,6 +9,8 @@ import cv2
 import pytest
 from helpers import REPO
 
+from ohem_d2.demo import RECOMMENDED_OHEM_OPTS
+
 
 def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(small_toy_root))
@@ -35,19 +37,34 @@ def test_demo_writes_table_loss_curves_and_hard_example_pictures(small_toy_root,
     assert result.returncode == 0, result.stdout[-3000:]
     # one table, both methods, every column
     summaries = json.loads((out / "summary.json").read_text())
-    assert [s["method"] for s in summaries] == ["frcn", "ohem"]
+    # FRCN, paper OHEM and the recommended OHEM: the same trained model evaluated twice
+    assert [(s["method"], s.get("recommended", False)) for s in summaries] == [
+        ("frcn", False),
+        ("ohem", False),
+        ("ohem", True),
+    ]
+    paper, recommended = summaries[1:]
+    assert recommended["inference_opts"] == list(RECOMMENDED_OHEM_OPTS)
+    for key in ("init_weights_sha256", "s_per_iter", "final_roi_loss", "ohem_opts"):
+        assert recommended[key] == paper[key]
+    paper_dets = json.loads((out / "ohem" / "detections.json").read_text())
+    rec_dets = json.loads((out / "ohem_recommended" / "detections.json").read_text())
+    assert [d["file_name"] for d in paper_dets] == [d["file_name"] for d in rec_dets]
+    assert paper_dets != rec_dets  # the correction changes the scores
     for s in summaries:
         assert s["iterations"] == 4 and s["s_per_iter"] > 0 and s["peak_rss_mb"] > 100
         assert 0 <= s["voc_AP50_11point"] <= 100 and 0 <= s["coco_AP"] <= 100
         # the cap's statistics, recomputed from the detections the evaluator wrote
-        found = out / s["method"] / "inference" / s["test_datasets"][0]
+        folder = "ohem_recommended" if s.get("recommended") else s["method"]
+        found = out / folder / "inference" / s["test_datasets"][0]
         detections = json.loads((found / "coco_instances_results.json").read_text())
         num_images = len({d["image_id"] for d in detections})
         assert s["mean_detections_per_image"] <= len(detections) / num_images <= 100
         if detections:
             assert s["median_lowest_kept_score"] >= min(d["score"] for d in detections)
     table = (out / "summary.md").read_text()
-    assert "FRCN" in table and "OHEM" in table and "VOC07 11-point" in table
+    assert "FRCN" in table and "| OHEM |" in table and "OHEM (recommended)" in table
+    assert "VOC07 11-point" in table
     assert table.strip() in result.stdout
     # Fig. 3 data: both curves over the same iterations, losses finite and positive
     curves = json.loads((out / "roi_loss.json").read_text())
@@ -80,10 +97,11 @@ def test_bccd_demo_compares_both_methods_from_the_same_start(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    frcn, ohem = json.loads((out / "summary.json").read_text())
-    assert (frcn["method"], ohem["method"]) == ("frcn", "ohem")
+    frcn, ohem, recommended = json.loads((out / "summary.json").read_text())
+    assert (frcn["method"], ohem["method"], recommended["method"]) == ("frcn", "ohem", "ohem")
+    assert recommended["recommended"] and "recommended" not in ohem
     assert frcn["init_weights_sha256"] == ohem["init_weights_sha256"]
-    for s in (frcn, ohem):
+    for s in (frcn, ohem, recommended):
         assert s["dataset"] == "bccd" and s["device"] == "cpu" and s["seed"] == 0
         assert set(s["per_class_AP50_allpoint"]) == {"RBC", "WBC", "Platelets"}
         assert s["voc_AP50_allpoint"] == pytest.approx(
@@ -98,9 +116,10 @@ def test_bccd_demo_compares_both_methods_from_the_same_start(tmp_path):
     for row in ("mAP50, all-point", "VOC07 11-point", "AP50 Platelets", "COCO AP75", "device"):
         assert row in table
     assert "bccd_test" in result.stdout
-    # Three test images, FRCN left and OHEM right, at the images' 640 x 480 (+ borders).
+    # Three test images; FRCN, paper OHEM and the recommended OHEM side by side, at the
+    # images' 640 x 480 (+ borders).
     picture = cv2.imread(str(out / "detections.png"))
-    assert picture.shape[:2] == (3 * 484, 2 * 644)
+    assert picture.shape[:2] == (3 * 484, 3 * 644)
     assert cv2.imread(str(out / "ohem" / "hard_examples_iter00002.png")) is not None
 
 
