@@ -39,6 +39,8 @@ RECOMMENDED_OHEM_OPTS = (
     "True",
     "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET",
     "STOCK_SAMPLER",
+    "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS",
+    "False",
 )
 RECOMMENDED_DIR = "ohem_recommended"
 DATASETS = {"bccd": "BCCD blood cells", "toy": "embedded synthetic shapes"}
