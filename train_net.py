@@ -51,9 +51,10 @@ def main(args):
     print(f"Memory allocator of rank {comm.get_rank()}: {allocator_in_use()}", flush=True)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # Strict shapes: a model evaluated with a skipped predictor would score at random.
+        SafeDetectionCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, skip_mismatched_init=False
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))

@@ -4,6 +4,7 @@ gives an error naming the file, image or key, or, where documented, a logged ski
 
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -325,19 +326,46 @@ def four_class_checkpoint(make_cfg, tmp_path):
 def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpoint):
     cfg = make_cfg("frcn.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", 3)
     expected = (
-        rf"Checkpoint '{four_class_checkpoint}' does not fit .*"
+        r"Checkpoint '.*' does not fit .*"
         r"'roi_heads.box_predictor.cls_score.weight' has shape \(5, 256\) in the checkpoint "
         r"but \(4, 256\) in the model .*NUM_CLASSES"
     )
-    # MODEL.WEIGHTS in a training run
+    saved = torch.load(four_class_checkpoint, weights_only=True)["model"]
+    # Initialising a run from MODEL.WEIGHTS (fine-tuning on another label set), as
+    # Detectron2 does: the predictor's tensors of another shape are skipped and logged, the
+    # rest is loaded.
     cfg.MODEL.WEIGHTS = four_class_checkpoint
     trainer = Trainer(cfg)
-    with pytest.raises(CheckpointMismatchError, match=expected):
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    trainer.checkpointer.logger.addHandler(handler)
+    try:
         trainer.resume_or_load(resume=False)
-    # train_net.py --eval-only loads with the same checkpointer, the same way
+    finally:
+        trainer.checkpointer.logger.removeHandler(handler)
+    state = trainer.model.state_dict()
+    skipped = {k for k, v in saved.items() if v.shape != state[k].shape}
+    assert skipped == {
+        f"roi_heads.box_predictor.{layer}.{p}"
+        for layer in ("cls_score", "bbox_pred")
+        for p in ("weight", "bias")
+    }
+    for key in skipped:
+        assert any(f"Skip loading parameter '{key}'" in m for m in logged), logged
+    assert all(torch.equal(saved[k], state[k]) for k in saved if k not in skipped)
+    # train_net.py --eval-only loads strictly: a skipped predictor would score at random.
     model = Trainer.build_model(cfg)
+    checkpointer = SafeDetectionCheckpointer(model, skip_mismatched_init=False)
     with pytest.raises(CheckpointMismatchError, match=expected):
-        SafeDetectionCheckpointer(model).resume_or_load(four_class_checkpoint, resume=False)
+        checkpointer.resume_or_load(four_class_checkpoint, resume=False)
+    # --resume of a run whose last checkpoint does not fit refuses, naming the key.
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    shutil.copy(four_class_checkpoint, os.path.join(cfg.OUTPUT_DIR, "model_0000009.pth"))
+    with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+        f.write("model_0000009.pth")
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        Trainer(cfg).resume_or_load(resume=True)
 
 
 def test_22_checkpoint_of_another_architecture(make_cfg, four_class_checkpoint):

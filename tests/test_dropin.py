@@ -380,3 +380,76 @@ def test_yaml_config_given_as_lazyconfig_names_what_is_missing():
 
     with pytest.raises(ConfigKindError, match="lacks model, dataloader, optimizer"):
         load_lazy_config(os.path.join(REPO, "configs", "bccd", "ohem.yaml"))
+
+
+@pytest.fixture(scope="module")
+def coco80_checkpoint(tmp_path_factory):
+    """A faster_rcnn_R_50_FPN_1x checkpoint of the 80-class COCO model (random weights)."""
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    path = str(tmp_path_factory.mktemp("coco80") / "model_coco80.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return path
+
+
+PREDICTOR_KEYS = [
+    f"roi_heads.box_predictor.{layer}.{p}"
+    for layer in ("cls_score", "bbox_pred")
+    for p in ("weight", "bias")
+]
+
+
+def test_fine_tuning_from_another_label_set(toy_coco, tmp_path, coco80_checkpoint):
+    """Detectron2's commonest workflow: an 80-class checkpoint fine-tuned on 4 classes with
+    the OHEM head. The predictor's tensors are skipped and logged, the rest loaded; --resume
+    of a run stays strict."""
+    zoo = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+    head = ["MODEL.ROI_HEADS.NAME", "OHEMROIHeads", "DATALOADER.FILTER_EMPTY_ANNOTATIONS", False]
+    stdout = _run_zoo(toy_coco, tmp_path, zoo, *head, "MODEL.WEIGHTS", coco80_checkpoint)
+    for key in PREDICTOR_KEYS:
+        assert f"Skip loading parameter '{key}'" in stdout, stdout[-4000:]
+    assert "Skip loading parameter 'backbone" not in stdout
+    assert set(_tasks(stdout)) == {"bbox"} and _mined_rois(tmp_path)
+    # The run's own checkpoint, resumed with another number of classes: refused, by name.
+    args = [*toy_coco["register"], "--resume", "--config-file", zoo, *SMALL, *head]
+    args += ["DATASETS.TRAIN", "('toy_coco_train',)", "DATASETS.TEST", "('toy_coco_val',)"]
+    args += ["OUTPUT_DIR", str(tmp_path), "MODEL.ROI_HEADS.NUM_CLASSES", 5, "SOLVER.MAX_ITER", 4]
+    result = run_train_net(args, str(tmp_path))
+    assert result.returncode != 0
+    assert "CheckpointMismatchError" in result.stdout
+    assert "'roi_heads.box_predictor.cls_score.weight' has shape (5, 1024)" in result.stdout
+
+
+def test_lazy_config_fine_tuning_from_another_label_set(toy_coco, tmp_path, coco80_checkpoint):
+    overrides = [
+        "train.device=cpu",
+        "train.max_iter=1",
+        "train.eval_period=0",
+        f"train.output_dir={tmp_path}",
+        f"train.init_checkpoint={coco80_checkpoint}",
+        "dataloader.train.dataset.names=toy_coco_train",
+        "dataloader.test.dataset.names=toy_coco_val",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations=[]",
+        "dataloader.test.mapper.augmentations=[]",
+        "model.roi_heads.num_classes=4",
+        "model.proposal_generator.post_nms_topk=[200,100]",
+        "model.roi_heads.batch_size_per_image=64",
+        "optimizer.lr=0.001",
+    ]
+    config = os.path.join(REPO, "configs", "lazy", "mask_rcnn_fpn_ohem.py")
+    result = run_train_net(
+        [*toy_coco["register"], "--config-file", config, *overrides], str(tmp_path)
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    for key in PREDICTOR_KEYS:
+        assert f"Skip loading parameter '{key}'" in result.stdout, result.stdout[-4000:]
+    # The 80-class checkpoint has no mask head: its weights are listed as not found.
+    assert "roi_heads.mask_head" in result.stdout

@@ -5,9 +5,14 @@ Detectron2's :class:`DetectionCheckpointer` unpickles ``.pkl`` files with ``pick
 model's (a checkpoint trained for another number of classes then silently keeps a randomly
 initialised predictor). :class:`SafeDetectionCheckpointer` reads ``.pth`` files with
 ``torch.load(..., weights_only=True)``, ``.pkl`` files with an unpickler that builds only
-numpy arrays and plain containers, and raises :class:`CheckpointMismatchError` on any shape
-mismatch. It also writes checkpoints atomically (a temporary file, then a rename), so that a
-job killed while saving leaves the previous checkpoint and a valid ``last_checkpoint``.
+numpy arrays and plain containers. Initialising a model from other weights
+(``resume_or_load`` without a checkpoint to resume: ``MODEL.WEIGHTS``,
+``train.init_checkpoint``) skips tensors whose shape differs and logs them, as Detectron2
+does, so that fine-tuning on another label set works. Resuming a run, and every direct
+``load``, raise :class:`CheckpointMismatchError` on any shape mismatch instead: there a
+skipped tensor is a mistake. It also writes checkpoints atomically (a temporary file, then
+a rename), so that a job killed while saving leaves the previous checkpoint and a valid
+``last_checkpoint``.
 """
 
 from __future__ import annotations
@@ -83,9 +88,27 @@ def load_pickle_arrays_only(path: str):
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """A :class:`DetectionCheckpointer` that never runs code from a checkpoint file and raises
-    :class:`CheckpointMismatchError` (naming the file, the key and both shapes) where
-    Detectron2 would skip a tensor of the wrong shape with a warning."""
+    """A :class:`DetectionCheckpointer` that never runs code from a checkpoint file.
+
+    Shapes: ``resume_or_load(path, resume=...)`` initialising from `path` (nothing to resume)
+    skips and logs tensors of another shape, with Detectron2's message, unless
+    `skip_mismatched_init` is False (evaluation: a skipped predictor would be evaluated at
+    random). Resuming a run and ``load`` raise :class:`CheckpointMismatchError` (naming the
+    file, the key and both shapes).
+    """
+
+    def __init__(self, model, save_dir="", *, skip_mismatched_init=True, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.skip_mismatched_init = skip_mismatched_init
+        self._strict_shapes = True
+
+    def resume_or_load(self, path, *, resume=True):
+        resuming = resume and self.has_checkpoint()
+        self._strict_shapes = resuming or not self.skip_mismatched_init
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._strict_shapes = True
 
     def save(self, name: str, **kwargs) -> None:
         if "://" in self.save_dir:  # a remote store: no rename there
@@ -135,8 +158,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        if incompatible.incorrect_shapes:
+        if incompatible.incorrect_shapes and self._strict_shapes:
             raise _mismatch_error(self._loading, incompatible.incorrect_shapes)
+        # Otherwise fvcore's load() logs each skipped key, as Detectron2 does.
         return incompatible
 
 
@@ -159,6 +183,6 @@ def _mismatch_error(path: str, incorrect_shapes) -> CheckpointMismatchError:
         + (f" (and {len(others)} more key(s): {others})" if others else "")
         + "."
         + hint
-        + " To start from such a checkpoint on purpose (e.g. fine-tuning on another "
-        "dataset), save a copy without these keys and load that."
+        + " Initialising a new run from it (MODEL.WEIGHTS / train.init_checkpoint, without "
+        "--resume) skips these keys and trains them from scratch."
     )
