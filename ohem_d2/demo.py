@@ -209,8 +209,12 @@ def save_test_detections(cfg, model, path):
 
 
 def _weights_digest(model):
+    """A hash of the model's weights (not of the OHEM class counts, training statistics
+    that only a model with PRIOR_CORRECTION has), equal for FRCN and OHEM of one seed."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if ".ohem_class_counts_" in name:
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
