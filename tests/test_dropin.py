@@ -143,12 +143,10 @@ def test_model_zoo_config_with_ohem_head_trains_and_evaluates(
     assert _mined_rois(tmp_path, prefix), "no OHEM scalars in metrics.json"
 
 
-def test_lazy_config_mask_rcnn_with_ohem_head(toy_coco, tmp_path):
+def _run_lazy_mask_rcnn(toy_coco, tmp_path, overrides):
+    """train_net.py on configs/lazy/mask_rcnn_fpn_ohem.py, small, on the toy COCO set."""
     overrides = [
-        "train.device=cpu",
-        "train.max_iter=2",
-        "train.eval_period=0",
-        f"train.output_dir={tmp_path}",
+        *overrides,
         "dataloader.train.dataset.names=toy_coco_train",
         "dataloader.test.dataset.names=toy_coco_val",
         "dataloader.train.total_batch_size=2",
@@ -163,8 +161,19 @@ def test_lazy_config_mask_rcnn_with_ohem_head(toy_coco, tmp_path):
         "optimizer.lr=0.001",
     ]
     config = os.path.join(REPO, "configs", "lazy", "mask_rcnn_fpn_ohem.py")
-    args = [*toy_coco["register"], "--config-file", config, *overrides]
-    result = run_train_net(args, str(tmp_path))
+    return run_train_net(
+        [*toy_coco["register"], "--config-file", config, *overrides], str(tmp_path)
+    )
+
+
+def test_lazy_config_mask_rcnn_with_ohem_head(toy_coco, tmp_path):
+    overrides = [
+        "train.device=cpu",
+        "train.max_iter=2",
+        "train.eval_period=0",
+        f"train.output_dir={tmp_path}",
+    ]
+    result = _run_lazy_mask_rcnn(toy_coco, tmp_path, overrides)
     assert result.returncode == 0, result.stdout[-4000:]
     # COCOEvaluator finds the tasks from the predictions: boxes and masks.
     assert set(_tasks(result.stdout)) == {"bbox", "segm"}, result.stdout[-3000:]
@@ -432,22 +441,8 @@ def test_lazy_config_fine_tuning_from_another_label_set(toy_coco, tmp_path, coco
         "train.eval_period=0",
         f"train.output_dir={tmp_path}",
         f"train.init_checkpoint={coco80_checkpoint}",
-        "dataloader.train.dataset.names=toy_coco_train",
-        "dataloader.test.dataset.names=toy_coco_val",
-        "dataloader.train.total_batch_size=2",
-        "dataloader.train.num_workers=0",
-        "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.augmentations=[]",
-        "dataloader.test.mapper.augmentations=[]",
-        "model.roi_heads.num_classes=4",
-        "model.proposal_generator.post_nms_topk=[200,100]",
-        "model.roi_heads.batch_size_per_image=64",
-        "optimizer.lr=0.001",
     ]
-    config = os.path.join(REPO, "configs", "lazy", "mask_rcnn_fpn_ohem.py")
-    result = run_train_net(
-        [*toy_coco["register"], "--config-file", config, *overrides], str(tmp_path)
-    )
+    result = _run_lazy_mask_rcnn(toy_coco, tmp_path, overrides)
     assert result.returncode == 0, result.stdout[-4000:]
     for key in PREDICTOR_KEYS:
         assert f"Skip loading parameter '{key}'" in result.stdout, result.stdout[-4000:]
