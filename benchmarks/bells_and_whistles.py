@@ -34,7 +34,9 @@ PAPER_SCALES = (480, 576, 688, 864, 1000)
 
 def find_runs(path):
     """[(method folder, summary)] of a demo --output-dir or of one method's folder."""
-    folders = [path] if os.path.isfile(os.path.join(path, "summary.json")) else []
+    # A method's folder holds its model; a demo --output-dir holds the methods' folders (and
+    # a summary.json of its own, the list of the methods' summaries).
+    folders = [path] if os.path.isfile(os.path.join(path, "model_final.pth")) else []
     folders += [
         os.path.join(path, m)
         for m in ("frcn", "ohem")

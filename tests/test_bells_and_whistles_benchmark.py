@@ -43,6 +43,8 @@ def test_dry_run_on_a_saved_toy_model(small_toy_registered, tmp_path, monkeypatc
     torch.manual_seed(0)
     model = Trainer.build_model(variant_cfg(str(method_dir), summary, "plain", [96], 200))
     DetectionCheckpointer(model, save_dir=str(method_dir)).save("model_final")
+    # The demo's own list of the methods' summaries, beside their folders.
+    (tmp_path / "run" / "summary.json").write_text(json.dumps([summary]))
 
     rows = main([str(tmp_path / "run"), "--scales", "96", "128", "--max-size", "200"])
     assert [r[2] for r in rows] == list(VARIANTS)
