@@ -13,12 +13,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
 from torch import nn
 
+from ...config import require_ohem_config
 from .diagnostics import log_mining, nearest_gt_iou
 from .fast_readonly import build_readonly_approximation
 from .mining import select_hard_examples
 from .readonly_net import ReadonlyHead
 from .scoring import Approximation, Predictions, ReadonlyScorer
-from .settings import check_ohem_config, check_settings
+from .settings import check_config_values, check_settings
 
 __all__ = ["HardExampleMiner", "check_ohem_config"]
 
@@ -256,3 +257,30 @@ class HardExampleMiner:
 def _train_class_names(cfg):
     names = cfg.DATASETS.TRAIN
     return MetadataCatalog.get(names[0]).get("thing_classes") if names else None
+
+
+def check_ohem_config(cfg) -> None:
+    """Raise ValueError naming every OHEM config key that is out of its range.
+
+    The FAST_READONLY rank, period and layer count matter only with a MODE set.
+    """
+    require_ohem_config(cfg, "MODEL.ROI_HEADS.OHEM")
+    ohem = cfg.MODEL.ROI_HEADS.OHEM
+    values = {
+        "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+        "nms_thresh": ohem.NMS_THRESH,
+        "positive_fraction": ohem.POSITIVE_FRACTION,
+        "hardness": ohem.HARDNESS,
+        "readonly_chunk_size": ohem.READONLY_CHUNK_SIZE,
+        "fast_readonly_mode": ohem.FAST_READONLY.MODE,
+        "suspect_bg_weight": ohem.SUSPECT_BG_WEIGHT,
+        "suspect_bg_score": ohem.SUSPECT_BG_SCORE,
+        "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
+        "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
+        "easy_bg_fraction": ohem.EASY_BG_FRACTION,
+    }
+    if ohem.FAST_READONLY.MODE:
+        values["rank"] = ohem.FAST_READONLY.RANK
+        values["refresh_period"] = ohem.FAST_READONLY.REFRESH_PERIOD
+        values["num_layers"] = ohem.FAST_READONLY.NUM_LAYERS
+    check_config_values(values)

@@ -1,13 +1,11 @@
 """The one range of every OHEM setting, with the config key that sets it.
 
 Every component checks its arguments here (so a component built by hand gets the same rule as
-one built from a config), and :func:`check_ohem_config` checks a whole config at once, naming
-each key. The bottom of ``modeling/ohem``: it imports nothing of the project but the config.
+one built from a config), and :func:`check_config_values` the values of a whole config at
+once, naming each key. The bottom of ``modeling/ohem``: it imports nothing of the project.
 """
 
-from ...config import require_ohem_config
-
-__all__ = ["FAST_READONLY_MODES", "HARDNESS_CHOICES", "check_ohem_config", "check_settings"]
+__all__ = ["FAST_READONLY_MODES", "HARDNESS_CHOICES", "check_config_values", "check_settings"]
 
 HARDNESS_CHOICES = ("cls+box", "cls")
 FAST_READONLY_MODES = ("", "lowrank")
@@ -66,30 +64,9 @@ def check_settings(**values) -> None:
         raise ValueError("Invalid OHEM setting: " + "; ".join(problems))
 
 
-def check_ohem_config(cfg) -> None:
-    """Raise ValueError naming every OHEM config key that is out of its range.
-
-    The FAST_READONLY rank, period and layer count matter only with a MODE set.
-    """
-    require_ohem_config(cfg, "MODEL.ROI_HEADS.OHEM")
-    ohem = cfg.MODEL.ROI_HEADS.OHEM
-    values = {
-        "batch_size_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
-        "nms_thresh": ohem.NMS_THRESH,
-        "positive_fraction": ohem.POSITIVE_FRACTION,
-        "hardness": ohem.HARDNESS,
-        "readonly_chunk_size": ohem.READONLY_CHUNK_SIZE,
-        "fast_readonly_mode": ohem.FAST_READONLY.MODE,
-        "suspect_bg_weight": ohem.SUSPECT_BG_WEIGHT,
-        "suspect_bg_score": ohem.SUSPECT_BG_SCORE,
-        "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
-        "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
-        "easy_bg_fraction": ohem.EASY_BG_FRACTION,
-    }
-    if ohem.FAST_READONLY.MODE:
-        values["rank"] = ohem.FAST_READONLY.RANK
-        values["refresh_period"] = ohem.FAST_READONLY.REFRESH_PERIOD
-        values["num_layers"] = ohem.FAST_READONLY.NUM_LAYERS
+def check_config_values(values: dict) -> None:
+    """Raise ValueError naming every config key (by its setting's name in `values`) whose
+    value is out of range."""
     problems = _problems(values, by_key=True)
     if problems:
         raise ValueError("Invalid OHEM config: " + "; ".join(problems))
