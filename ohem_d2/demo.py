@@ -224,15 +224,6 @@ def _flat_results(storage):
     return {k: v for k, (v, _) in storage.latest().items()}
 
 
-def _as_trained(model):
-    """A block in which an OHEM head gives its scores as trained: paper OHEM's, without a
-    recommended inference-time prior correction (a no-op for other heads)."""
-    import contextlib
-
-    head = getattr(model, "module", model).roi_heads
-    return getattr(head, "uncorrected", contextlib.nullcontext)()
-
-
 def _test_metrics(cfg, results):
     """The summary's metrics from flat evaluation results ("voc_bbox/...", "bbox/...") and
     the detections the evaluator wrote under cfg.OUTPUT_DIR."""
@@ -303,8 +294,9 @@ def run_one(
 
     from .engine import Trainer, register_project_datasets
     from .engine.hooks import HardExampleSnapshot, RoILossProbe, TrainingProgress
+    from .modeling.ohem import scores_as_trained
 
-    recommended = recommended and method == "ohem" and bool(RECOMMENDED_OHEM_OPTS)
+    recommended = recommended and method == "ohem"
     # The recommended settings need what training records (the class counts); training
     # itself is the paper's, and every evaluation below but the recommended one is paper's.
     train_opts = list(ohem_opts) + (list(RECOMMENDED_OHEM_OPTS) if recommended else [])
@@ -325,7 +317,7 @@ def run_one(
     class DemoTrainer(Trainer):
         @classmethod
         def test(cls, cfg, model, evaluators=None):
-            with _as_trained(model):
+            with scores_as_trained(model):
                 return super().test(cfg, model, evaluators)
 
         def build_hooks(self):
@@ -352,7 +344,7 @@ def run_one(
     trainer.train()
     # The final evaluation (Detectron2's EvalHook) leaves its metrics in the storage.
     results = _flat_results(trainer.storage)
-    with _as_trained(trainer.model):
+    with scores_as_trained(trainer.model):
         save_test_detections(cfg, trainer.model, os.path.join(cfg.OUTPUT_DIR, "detections.json"))
     with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
         times = [json.loads(line).get("time") for line in f]

@@ -1,7 +1,6 @@
 """Training hooks that show what OHEM does: the loss over all RoIs (paper Fig. 3) and
 pictures of the hard RoIs it picks."""
 
-import contextlib
 import json
 import os
 
@@ -12,7 +11,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
-from ..modeling.ohem import ProposalLabeller, per_roi_losses, readonly_head
+from ..modeling.ohem import ProposalLabeller, per_roi_losses, readonly_head, scores_as_trained
 
 # BGR colours of the slide deck's figure; hard background that looks like an unlabelled
 # object (the miner's ``suspect_bg``) in magenta.
@@ -54,10 +53,9 @@ class RoILossProbe(HookBase):
         was_training = model.training
         model.eval()
         head = model.roi_heads
-        # The loss of the scores as trained: without an inference-time prior shift.
-        uncorrected = getattr(head, "uncorrected", contextlib.nullcontext)
         try:
-            with torch.no_grad(), uncorrected():
+            # The loss of the scores as trained: without an inference-time prior shift.
+            with torch.no_grad(), scores_as_trained(model):
                 images = model.preprocess_image(self.inputs)
                 features = model.backbone(images.tensor)
                 proposals = model.select_proposals(self.inputs)

@@ -118,14 +118,14 @@ def compute_proposal_file(
         shutil.rmtree(partial)
         done = {}
     run = SelectiveSearchRun(out_path=out_path, reused=sum(i in done for i in ids))
-    todo = [(k, path) for k, (image_id, path) in enumerate(images) if image_id not in done]
+    pending = [(k, path) for k, (image_id, path) in enumerate(images) if image_id not in done]
     if stop_after is not None:
-        todo = todo[: max(0, stop_after)]
+        pending = pending[: max(0, stop_after)]
     workers = default_workers() if workers is None else max(1, int(workers))
-    workers = min(workers, max(1, len(todo)))
+    workers = min(workers, max(1, len(pending)))
 
     writer = ChunkWriter(partial, signature)
-    tasks = [(k, path, mode, min_size, max_boxes) for k, path in todo]
+    tasks = [(k, path, mode, min_size, max_boxes) for k, path in pending]
     bar = tqdm(
         total=len(images),
         initial=run.reused,

@@ -9,10 +9,17 @@ from .labelling import ProposalLabeller, label_without_sampling
 from .miner import HardExampleMiner
 from .mining import select_hard_examples
 from .readonly_net import ReadonlyHead, readonly_head
-from .roi_heads import OHEMCascadeROIHeads, OHEMHeadMixin, OHEMRes5ROIHeads, OHEMROIHeads
+from .roi_heads import (
+    OHEMCascadeROIHeads,
+    OHEMHeadMixin,
+    OHEMRes5ROIHeads,
+    OHEMROIHeads,
+    scores_as_trained,
+)
 from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_losses, readonly_mode
 
 __all__ = [
+    "scores_as_trained",
     "HardExampleMiner",
     "LowRankReadonly",
     "OHEMCascadeROIHeads",

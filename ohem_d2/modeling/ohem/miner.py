@@ -278,6 +278,7 @@ def check_ohem_config(cfg) -> None:
         "suspect_bg_max_iou": ohem.SUSPECT_BG_MAX_IOU,
         "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
         "easy_bg_fraction": ohem.EASY_BG_FRACTION,
+        "prior_target": ohem.PRIOR_CORRECTION_TARGET,
     }
     if ohem.FAST_READONLY.MODE:
         values["rank"] = ohem.FAST_READONLY.RANK

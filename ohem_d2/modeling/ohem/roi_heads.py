@@ -37,8 +37,15 @@ from .labelling import label_without_sampling
 from .miner import HardExampleMiner
 from .readonly_net import readonly_head
 from .scoring import check_box_predictor_supported
+from .settings import check_settings
 
-__all__ = ["OHEMCascadeROIHeads", "OHEMHeadMixin", "OHEMROIHeads", "OHEMRes5ROIHeads"]
+__all__ = [
+    "OHEMCascadeROIHeads",
+    "OHEMHeadMixin",
+    "OHEMROIHeads",
+    "OHEMRes5ROIHeads",
+    "scores_as_trained",
+]
 
 
 class OHEMHeadMixin:
@@ -90,19 +97,13 @@ class OHEMHeadMixin:
         for predictor in predictors if isinstance(predictors, nn.ModuleList) else [predictors]:
             check_box_predictor_supported(predictor)
         self.prior_correction = prior_correction
-        if prior_target not in ("ALL_ROIS", "STOCK_SAMPLER"):
-            raise ValueError(
-                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET must be 'ALL_ROIS' or "
-                f"'STOCK_SAMPLER', got {prior_target!r}"
-            )
-        if prior_target == "STOCK_SAMPLER" and not 0.0 < sampler_fg_fraction < 1.0:
-            raise ValueError(
-                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET 'STOCK_SAMPLER' needs "
-                f"0 < ROI_HEADS.POSITIVE_FRACTION < 1, got {sampler_fg_fraction}"
-            )
+        check_settings(prior_target=prior_target)
+        if prior_target == "STOCK_SAMPLER":
+            check_settings(sampler_fg_fraction=sampler_fg_fraction)
         self.prior_target = prior_target
         self.prior_per_class = prior_per_class
         self.sampler_fg_fraction = sampler_fg_fraction
+        self._shift_scores = True  # False inside uncorrected()
         if prior_correction:
             if isinstance(predictors, nn.ModuleList):
                 raise ValueError(
@@ -157,8 +158,7 @@ class OHEMHeadMixin:
         """Inside the block, inference gives the scores as trained, without the prior shift:
         the paper's OHEM from a model trained with ``PRIOR_CORRECTION`` on (its training is
         the paper's), or a training-loss probe. A no-op without the option."""
-        was = getattr(self, "_shift_scores", True)
-        self._shift_scores = False
+        was, self._shift_scores = self._shift_scores, False
         try:
             yield self
         finally:
@@ -166,7 +166,7 @@ class OHEMHeadMixin:
 
     def _correct_class_prior(self, predictor, inputs, outputs):
         """Forward hook of the box predictor: at inference, shift the class logits."""
-        if self.training or not getattr(self, "_shift_scores", True):
+        if self.training or not self._shift_scores:
             return outputs
         scores, deltas = outputs
         return scores + self.class_prior_shift().to(scores), deltas
@@ -339,3 +339,10 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
                 candidates = self._create_proposals_from_boxes(refined_boxes, image_sizes)
                 candidates = self._match_and_label_boxes(candidates, k + 1, targets)
         return first_stage_hard, losses
+
+
+def scores_as_trained(model):
+    """A context in which `model` (or its DDP wrapper) scores as trained: an OHEM head's
+    inference-time prior correction is off inside it; a no-op for any other head."""
+    head = getattr(model, "module", model).roi_heads
+    return getattr(head, "uncorrected", contextlib.nullcontext)()

@@ -5,9 +5,16 @@ one built from a config), and :func:`check_config_values` the values of a whole 
 once, naming each key. The bottom of ``modeling/ohem``: it imports nothing of the project.
 """
 
-__all__ = ["FAST_READONLY_MODES", "HARDNESS_CHOICES", "check_config_values", "check_settings"]
+__all__ = [
+    "FAST_READONLY_MODES",
+    "HARDNESS_CHOICES",
+    "PRIOR_TARGETS",
+    "check_config_values",
+    "check_settings",
+]
 
 HARDNESS_CHOICES = ("cls+box", "cls")
+PRIOR_TARGETS = ("ALL_ROIS", "STOCK_SAMPLER")
 FAST_READONLY_MODES = ("", "lowrank")
 
 _OHEM = "MODEL.ROI_HEADS.OHEM."
@@ -39,6 +46,13 @@ _SETTINGS = {
     "suspect_bg_max_iou": (_OHEM + "SUSPECT_BG_MAX_IOU", lambda v: 0 < v <= 1, "in (0, 1]"),
     "trim_bg_fraction": (_OHEM + "TRIM_BG_FRACTION", lambda v: 0 <= v < 1, "in [0, 1)"),
     "easy_bg_fraction": (_OHEM + "EASY_BG_FRACTION", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "prior_target": (
+        _OHEM + "PRIOR_CORRECTION_TARGET",
+        lambda v: v in PRIOR_TARGETS,
+        f"one of {PRIOR_TARGETS}",
+    ),
+    # The stock sampler's foreground share, the target of PRIOR_CORRECTION_TARGET STOCK_SAMPLER.
+    "sampler_fg_fraction": ("MODEL.ROI_HEADS.POSITIVE_FRACTION", lambda v: 0 < v < 1, "in (0, 1)"),
 }
 
 
