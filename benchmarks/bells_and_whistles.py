@@ -143,6 +143,10 @@ def parse_args(argv=None):
     parser.add_argument("--scales", type=int, nargs="+", default=list(PAPER_SCALES))
     parser.add_argument("--max-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--jsonl", help="append each result to this file as it is measured (long runs keep "
+        "what they finished)"
+    )
     return parser.parse_args(argv)
 
 
@@ -157,7 +161,13 @@ def main(argv=None):
     for method_dir, summary in runs:
         for variant in args.variants:
             result = evaluate(method_dir, summary, variant, args.scales, args.max_size)
-            rows.append((os.path.dirname(method_dir), summary["method"], variant, result))
+            row = (os.path.dirname(method_dir), summary["method"], variant, result)
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1], flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    record = {"run": row[0], "method": row[1], "variant": variant, **result}
+                    f.write(json.dumps(record) + "\n")
     print(format_table(rows))
     return rows
 
