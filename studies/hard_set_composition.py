@@ -1,13 +1,13 @@
 """Class make-up of the RoIs each method trains on, against all RoIs, on BCCD training images.
 
-    python benchmarks/hard_set_composition.py --run-dir output/demo --images 40
+    python -m studies.hard_set_composition --run-dir output/demo --images 40
 
 Loads the demo's two final models (<run-dir>/{frcn,ohem}/model_final.pth), labels all RoIs of
 the first `--images` training images that contain a platelet, and counts per class (and
 background) the RoIs among ALL RoIs, in FRCN's sampled minibatch (its own sampler) and in
 OHEM's hard set (its own miner, readonly pass as in training). Prints a Markdown table.
 
-    python benchmarks/hard_set_composition.py --run-dir output/demo \
+    python -m studies.hard_set_composition --run-dir output/demo \
         --ohem-run-dir output/test_cls_s0 --ohem-opts MODEL.ROI_HEADS.OHEM.HARDNESS cls
 
 takes OHEM's model from another run (a `--methods ohem` run of a variant) and mines with that
@@ -17,19 +17,15 @@ run's options, so the variant's hard set is the one counted.
 import argparse
 import collections
 import os
-import sys
 
 import torch
+from detectron2.utils.events import EventStorage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-from ohem_d2.demo import _probe_inputs, build_demo_cfg  # noqa: E402
-from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
-from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
-from ohem_d2.engine.hooks import label_all_rois  # noqa: E402
-from ohem_d2.modeling.ohem import readonly_head  # noqa: E402
+from ohem_d2.demo import _probe_inputs, build_demo_cfg
+from ohem_d2.engine import Trainer, register_project_datasets
+from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
+from ohem_d2.engine.hooks import label_all_rois
+from ohem_d2.modeling.ohem import readonly_head
 
 
 def main():

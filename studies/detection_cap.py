@@ -1,6 +1,6 @@
 """Re-evaluate the demo's final models with other caps on the detections kept per image.
 
-    python benchmarks/detection_cap.py --caps 100 300 --runs output/demo \\
+    python -m studies.detection_cap --caps 100 300 --runs output/demo \\
         output/test_frcn_s1:output/test_ohem_s1 output/test_frcn_s2:output/test_ohem_s2
 
 Each run is an --output-dir of `python -m ohem_d2.demo` (or FRCN_DIR:OHEM_DIR, as in
@@ -11,24 +11,19 @@ COCO AP per cap. Nothing is trained; the evaluation output goes to a temporary f
 the runs' own files are left as they are.
 
 On bccd_test this is a diagnostic of the evaluation, never a choice: a cap other than the
-paper's and Detectron2's 100 may only be chosen on bccd_val (benchmarks/bccd_holdout.md).
+paper's and Detectron2's 100 may only be chosen on bccd_val (studies/bccd_learning_rate.md).
 """
 
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bccd_seed_table import load_runs  # noqa: E402
-
-from ohem_d2.demo import saved_run_cfg  # noqa: E402
-from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
-from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from ohem_d2.demo import saved_run_cfg
+from ohem_d2.engine import Trainer, register_project_datasets
+from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
+from studies.bccd_seed_table import load_runs
 
 
 def evaluate(run_dir, summary, cap):
