@@ -4,7 +4,7 @@
         output/test_frcn_s1:output/test_ohem_s1 output/test_frcn_s2:output/test_ohem_s2
 
 Each run is an --output-dir of `python -m ohem_d2.demo` (or FRCN_DIR:OHEM_DIR, as in
-bccd_seed_table.py). For every method's model_final.pth it evaluates the run's test split
+studies.table). For every method's model_final.pth it evaluates the run's test split
 again (bccd_test, or bccd_val for a --holdout run; COCO and VOC, the demo's evaluators) with
 `TEST.DETECTIONS_PER_IMAGE` set to each cap, and prints all-point mAP50, Platelets AP50 and
 COCO AP per cap. Nothing is trained; the evaluation output goes to a temporary folder, so
@@ -23,7 +23,7 @@ import torch
 from ohem_d2.demo import saved_run_cfg
 from ohem_d2.engine import Trainer, register_project_datasets
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
-from studies.bccd_seed_table import load_runs
+from studies.table import load_run
 
 
 def evaluate(run_dir, summary, cap):
@@ -44,6 +44,18 @@ def evaluate(run_dir, summary, cap):
     )
 
 
+def trained_runs(spec):
+    """[(run folder, summary)] of each trained model of DIR or FRCN_DIR:OHEM_DIR (the
+    recommended OHEM is the paper's model evaluated otherwise, so it is left out)."""
+    runs = {}
+    for folder in spec.split(":"):
+        for summary in load_run(folder):
+            model = os.path.join(folder, summary["method"], "model_final.pth")
+            if not summary.get("recommended") and os.path.isfile(model):
+                runs[summary["method"]] = (folder, summary)
+    return [runs[m] for m in sorted(runs)]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--caps", type=int, nargs="+", default=[100, 300])
@@ -57,8 +69,8 @@ def main():
     )
     lines = [head + " |", "|---" * (2 + 3 * len(args.caps)) + "|"]
     for spec in args.runs:
-        for method, (run_dir, summary) in sorted(load_runs(spec).items()):
-            cells = []
+        for run_dir, summary in trained_runs(spec):
+            method, cells = summary["method"], []
             for cap in args.caps:
                 cells += [f"{v:.1f}" for v in evaluate(run_dir, summary, cap)]
             lines.append(f"| {summary['seed']} | {method} | " + " | ".join(cells) + " |")

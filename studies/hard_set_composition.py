@@ -21,10 +21,10 @@ import os
 import torch
 from detectron2.utils.events import EventStorage
 
-from ohem_d2.demo import _probe_inputs, build_demo_cfg
+from ohem_d2.demo import build_demo_cfg, probe_inputs
+from ohem_d2.demo.hooks import label_all_rois
 from ohem_d2.engine import Trainer, register_project_datasets
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
-from ohem_d2.engine.hooks import label_all_rois
 from ohem_d2.modeling.ohem import readonly_head
 
 
@@ -51,7 +51,7 @@ def main():
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
         model.train()
-        inputs = [x for x in _probe_inputs(cfg, 300) if (x["instances"].gt_classes == 2).any()]
+        inputs = [x for x in probe_inputs(cfg, 300) if (x["instances"].gt_classes == 2).any()]
         inputs = inputs[: args.images]
         with torch.no_grad(), EventStorage():
             images = model.preprocess_image(inputs)

@@ -5,8 +5,6 @@
     # the study's table and decision, from the runs' summary.json and score_floor.json
     python -m studies.score_floor table output/floor_val_s{seed} \\
         --candidate fg25=output/floor_val_fg25_s{seed} --seeds 0 1 2 3 4
-    # FRCN, paper OHEM and the recommended OHEM of demo runs (one --output-dir per seed)
-    python -m studies.score_floor demo-table output/test_s0 output/test_s1 output/test_s2
 
 ``measure`` evaluates each model on its run's own test split (bccd_val for a --holdout run)
 with ``MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION`` off ("plain") and, for models that carry the
@@ -28,7 +26,8 @@ import tempfile
 import numpy as np
 import torch
 
-PLATELETS = "Platelets"
+from studies.table import PLATELETS, format_runs
+
 # The first protocol's candidates, by how far they depart from the paper (its tie order).
 ORDER = ("paper", "paper+prior", "fg25", "fg25+prior")
 # Inference settings of a trained OHEM model: the study's variants, by the label suffix of
@@ -360,70 +359,6 @@ def decide_floor(table, candidates=FLOOR_CANDIDATES):
     return best, reasons
 
 
-def format_table(table):
-    """Markdown: one row per candidate and seed, then the mean and spread of each."""
-    cols = [
-        ("mAP50 all-pt", lambda m: m["voc_AP50_allpoint"]),
-        ("COCO AP", lambda m: m["coco_AP"]),
-        ("RBC", lambda m: m["per_class_AP50_allpoint"]["RBC"]),
-        ("WBC", lambda m: m["per_class_AP50_allpoint"]["WBC"]),
-        ("Platelets", lambda m: m["per_class_AP50_allpoint"][PLATELETS]),
-        ("dets/image", lambda m: m["mean_detections_per_image"]),
-        ("cap's bar", lambda m: m["median_lowest_kept_score"]),
-    ]
-
-    def cell(v, name):
-        return "-" if v is None else (f"{v:.3f}" if name == "cap's bar" else f"{v:.1f}")
-
-    lines = ["| candidate | seed | " + " | ".join(n for n, _ in cols) + " |"]
-    lines.append("|---" * (len(cols) + 2) + "|")
-    for name, runs in table.items():
-        if not runs:
-            continue
-        for seed, m in sorted(runs.items()):
-            lines.append(
-                f"| {name} | {seed} | " + " | ".join(cell(get(m), n) for n, get in cols) + " |"
-            )
-        values = [[get(m) for m in runs.values()] for _, get in cols]
-        stats = []
-        for v, (n, _) in zip(values, cols):
-            if any(x is None for x in v):
-                stats.append("-")
-            else:
-                stats.append(f"{cell(statistics.mean(v), n)} ({cell(max(v) - min(v), n)})")
-        lines.append(f"| **{name}** | mean (spread) | " + " | ".join(stats) + " |")
-    return "\n".join(lines)
-
-
-def load_demo_runs(run_dirs):
-    """{"frcn" | "paper" | "recommended": {seed: summary}} from demo --output-dirs (their
-    summary.json: FRCN, paper OHEM and the recommended OHEM of one seed)."""
-    table = {"frcn": {}, "paper": {}, "recommended": {}}
-    for run_dir in run_dirs:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            for summary in json.load(f):
-                if summary["method"] == "frcn":
-                    name = "frcn"
-                else:
-                    name = "recommended" if summary.get("recommended") else "paper"
-                table[name][summary["seed"]] = summary
-    return {k: v for k, v in table.items() if v}
-
-
-def format_differences(table, reference="frcn"):
-    """Markdown: per seed, each method's mAP50 and COCO AP minus the reference's."""
-    lines = ["| against " + reference + " | seed | mAP50 all-pt | COCO AP |", "|---|---|---|---|"]
-    for name, runs in table.items():
-        if name == reference:
-            continue
-        for seed, m in sorted(runs.items()):
-            ref = table[reference][seed]
-            d_map = m["voc_AP50_allpoint"] - ref["voc_AP50_allpoint"]
-            d_coco = m["coco_AP"] - ref["coco_AP"]
-            lines.append(f"| {name} | {seed} | {d_map:+.1f} | {d_coco:+.1f} |")
-    return "\n".join(lines)
-
-
 def format_diagnosis(rows):
     """Markdown: the floor's numbers per (label, seed, diagnosis) row (see :func:`diagnose`)."""
     lines = [
@@ -472,8 +407,6 @@ def main(argv=None):
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     t.add_argument("--save", help="also write the table's numbers to this JSON file")
     t.add_argument("--load", help="read the numbers from a JSON file written by --save")
-    r = sub.add_parser("demo-table", help="FRCN, paper and recommended OHEM of demo runs")
-    r.add_argument("runs", nargs="+", metavar="DEMO_OUTPUT_DIR")
     d = sub.add_parser("diagnosis", help="the floor's numbers of measured --diagnose runs")
     d.add_argument("runs", nargs="+", metavar="LABEL=METHOD_DIR[:VARIANT]")
     args = parser.parse_args(argv)
@@ -488,10 +421,6 @@ def main(argv=None):
                 rows.append((label, seed, json.load(f)[variant or "plain"]))
         print(format_diagnosis(rows))
         return 0
-    if args.command == "demo-table":
-        table = load_demo_runs(args.runs)
-        print(format_table(table) + "\n\n" + format_differences(table))
-        return 0
     if args.command == "measure":
         torch.set_num_threads(args.threads)
         measure(args.runs, args.diagnose, args.methods, args.variants)
@@ -505,7 +434,7 @@ def main(argv=None):
     if args.save:
         with open(args.save, "w") as f:
             json.dump(table, f, indent=1)
-    print(format_table(table))
+    print(format_runs(table))
     missing = {k: sorted(set(args.seeds) - set(v)) for k, v in table.items()}
     missing = {k: v for k, v in missing.items() if v}
     if missing:

@@ -1,6 +1,5 @@
 """The score-floor study's rule and its platelet-rank count, on hand-built cases."""
 
-import json
 
 import torch
 
@@ -109,25 +108,3 @@ def test_floor_rule_without_an_eligible_candidate_recommends_nothing():
         bars, dict.fromkeys(names, 40.0), dict.fromkeys(names, 70.0), dict.fromkeys(names, 35.0)
     )
     assert decide_floor(table)[0] is None
-
-
-def test_demo_table_reads_the_three_columns_of_each_seed(tmp_path):
-    from studies.score_floor import format_differences, load_demo_runs
-
-    def summary(method, seed, value, recommended=None):
-        s = {"method": method, "seed": seed, "voc_AP50_allpoint": value, "coco_AP": value / 2}
-        return s if recommended is None else {**s, "recommended": recommended}
-
-    for seed in (0, 1):
-        (tmp_path / f"s{seed}").mkdir()
-        runs = [summary("frcn", seed, 60), summary("ohem", seed, 62 + seed)]
-        runs.append(summary("ohem", seed, 65, True))
-        (tmp_path / f"s{seed}" / "summary.json").write_text(json.dumps(runs))
-    table = load_demo_runs([tmp_path / "s0", tmp_path / "s1"])
-    assert {k: {s: m["voc_AP50_allpoint"] for s, m in v.items()} for k, v in table.items()} == {
-        "frcn": {0: 60, 1: 60},
-        "paper": {0: 62, 1: 63},
-        "recommended": {0: 65, 1: 65},
-    }
-    lines = format_differences(table).splitlines()
-    assert "| paper | 1 | +3.0 | +1.5 |" in lines and "| recommended | 0 | +5.0 | +2.5 |" in lines

@@ -1,0 +1,295 @@
+"""The BCCD studies' tables, from the demo runs' summary.json files (never from Markdown).
+
+    # FRCN, paper OHEM and recommended OHEM over seeds: one demo --output-dir per seed
+    python -m studies.table seeds output/test_s0 output/test_s1 output/test_s2
+    # a learning-rate grid on bccd_val and the rate the rule picks for each method
+    python -m studies.table grid 'output/val2_lr{lr}_s{seed}' --lrs 0.02 0.01 0.005 --seeds 0 1
+    # OHEM variants against the paper's OHEM of the same seeds, with the rule's verdict
+    python -m studies.table variants --baseline 'output/demo_seed{seed}' \\
+        suspect=output/var_suspect_s{seed} trim=output/var_trim_s{seed}
+
+A run is a demo --output-dir (``<dir>/summary.json``, the list of its methods' summaries, and
+``<dir>/<method>/summary.json``), or FRCN_DIR:OHEM_DIR when a seed's two methods ran
+separately. Each page in studies/ gives the exact command of each of its tables.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+
+PLATELETS = "Platelets"
+# (column, value of a summary, digits)
+COLUMNS = [
+    ("mAP50 all-pt", lambda s: s["voc_AP50_allpoint"], 1),
+    ("mAP50 11-pt", lambda s: s["voc_AP50_11point"], 1),
+    ("RBC", lambda s: s["per_class_AP50_allpoint"]["RBC"], 1),
+    ("WBC", lambda s: s["per_class_AP50_allpoint"]["WBC"], 1),
+    (PLATELETS, lambda s: s["per_class_AP50_allpoint"][PLATELETS], 1),
+    ("COCO AP", lambda s: s["coco_AP"], 1),
+    ("COCO AP50", lambda s: s["coco_AP50"], 1),
+    ("COCO AP75", lambda s: s["coco_AP75"], 1),
+    ("all-RoI loss", lambda s: s["final_roi_loss"]["mean_roi_loss"], 3),
+    ("fg part", lambda s: s["final_roi_loss"]["fg_part"], 3),
+    ("bg part", lambda s: s["final_roi_loss"]["bg_part"], 3),
+    ("s/iter", lambda s: s["s_per_iter"], 3),
+]
+# The seeds table: what separates the methods on dense images (studies/bccd_score_floor.md).
+SEED_COLUMNS = [
+    ("mAP50 all-pt", lambda s: s["voc_AP50_allpoint"], 1),
+    ("COCO AP", lambda s: s["coco_AP"], 1),
+    ("RBC", lambda s: s["per_class_AP50_allpoint"]["RBC"], 1),
+    ("WBC", lambda s: s["per_class_AP50_allpoint"]["WBC"], 1),
+    (PLATELETS, lambda s: s["per_class_AP50_allpoint"][PLATELETS], 1),
+    ("dets/image", lambda s: s["mean_detections_per_image"], 1),
+    ("cap's bar", lambda s: s["median_lowest_kept_score"], 3),
+]
+METHODS = ("frcn", "ohem")
+
+
+def _cell(value, digits):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _value(get, summary):
+    try:
+        return get(summary)
+    except (KeyError, TypeError):  # a column the run did not record (an older summary)
+        return None
+
+
+def format_runs(table, columns=SEED_COLUMNS, key="candidate"):
+    """Markdown: one row per name and seed, then each name's mean and spread (max - min).
+
+    `table`: {name: {seed: summary}}."""
+    lines = [f"| {key} | seed | " + " | ".join(n for n, _, _ in columns) + " |"]
+    lines.append("|---" * (len(columns) + 2) + "|")
+    for name, runs in table.items():
+        if not runs:
+            continue
+        for seed, s in sorted(runs.items()):
+            cells = [_cell(_value(get, s), d) for _, get, d in columns]
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+        stats = []
+        for _, get, d in columns:
+            v = [_value(get, s) for s in runs.values()]
+            if any(x is None for x in v):
+                stats.append("-")
+            else:
+                stats.append(f"{_cell(statistics.mean(v), d)} ({_cell(max(v) - min(v), d)})")
+        lines.append(f"| **{name}** | mean (spread) | " + " | ".join(stats) + " |")
+    return "\n".join(lines)
+
+
+def format_differences(table, reference="frcn"):
+    """Markdown: per seed, each name's mAP50 and COCO AP minus the reference's."""
+    lines = ["| against " + reference + " | seed | mAP50 all-pt | COCO AP |", "|---|---|---|---|"]
+    for name, runs in table.items():
+        if name == reference:
+            continue
+        for seed, m in sorted(runs.items()):
+            ref = table[reference][seed]
+            d_map = m["voc_AP50_allpoint"] - ref["voc_AP50_allpoint"]
+            d_coco = m["coco_AP"] - ref["coco_AP"]
+            lines.append(f"| {name} | {seed} | {d_map:+.1f} | {d_coco:+.1f} |")
+    return "\n".join(lines)
+
+
+def load_run(spec):
+    """[summary] of one demo run: DIR, or FRCN_DIR:OHEM_DIR (two runs of one seed's methods).
+
+    Each --output-dir's own summary.json lists every evaluation of the run (the recommended
+    OHEM included); an output dir that a `--methods` run left without one is read from its
+    method folders."""
+    summaries = []
+    for folder in str(spec).split(":"):
+        path = os.path.join(folder, "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                summaries += json.load(f)
+            continue
+        for method in METHODS:
+            path = os.path.join(folder, method, "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    summaries.append(json.load(f))
+    if not summaries:
+        raise FileNotFoundError(f"{spec}: no summary.json there nor in its method folders")
+    return summaries
+
+
+def label(summary):
+    """frcn, paper or recommended: the seeds table's name of one evaluation."""
+    if summary["method"] == "frcn":
+        return "frcn"
+    return "recommended" if summary.get("recommended") else "paper"
+
+
+def load_seeds(specs):
+    """{"frcn" | "paper" | "recommended": {seed: summary}} of demo runs, one per seed."""
+    table = {"frcn": {}, "paper": {}, "recommended": {}}
+    for spec in specs:
+        for summary in load_run(spec):
+            name = label(summary)
+            if summary["seed"] in table[name]:
+                raise ValueError(f"{spec}: a second {name} run of seed {summary['seed']}")
+            table[name][summary["seed"]] = summary
+    return {k: v for k, v in table.items() if v}
+
+
+def load_grid(pattern, lrs, seeds, split="bccd_val"):
+    """{(method, lr, seed): summary} of a learning-rate grid's runs that finished."""
+    rows = {}
+    for lr, seed in itertools.product(lrs, seeds):
+        for s in load_run(pattern.format(lr=lr, seed=seed)) if _exists(pattern, lr, seed) else []:
+            if s.get("recommended"):
+                continue
+            if s["seed"] != seed or s["test_datasets"] != [split]:
+                raise ValueError(f"{pattern} lr={lr} seed={seed}: a run of another seed or split")
+            if s["opts"][-2:] != ["SOLVER.BASE_LR", lr]:
+                raise ValueError(f"{pattern} lr={lr} seed={seed}: trained with {s['opts']}")
+            rows[(s["method"], lr, seed)] = s
+    return rows
+
+
+def _exists(pattern, lr, seed):
+    folder = pattern.format(lr=lr, seed=seed)
+    return any(
+        os.path.isfile(os.path.join(folder, *p))
+        for p in (("summary.json",), ("frcn", "summary.json"), ("ohem", "summary.json"))
+    )
+
+
+def pick_rate(rows, method, lrs, seeds):
+    """The grid's rule: the rate of the highest mean all-point mAP50 over every seed, COCO AP
+    breaking a tie; None while one of the method's runs is missing."""
+    if any((method, lr, s) not in rows for lr in lrs for s in seeds):
+        return None
+
+    def key(lr):
+        return tuple(
+            statistics.mean(rows[(method, lr, s)][k] for s in seeds)
+            for k in ("voc_AP50_allpoint", "coco_AP")
+        )
+
+    return max(lrs, key=key)
+
+
+def variant_verdict(table, name, reference="paper"):
+    """The unlabelled-objects rule: better than paper OHEM on the mean AND on at least 2 of 3
+    seeds, in both all-point mAP50 and COCO AP. Returns (recommended, [(column, mean, wins)])
+    or (None, []) while a seed is missing."""
+    seeds = sorted(table[reference])
+    if sorted(table[name]) != seeds:
+        return None, []
+    results = []
+    for column in ("voc_AP50_allpoint", "coco_AP"):
+        diffs = [table[name][s][column] - table[reference][s][column] for s in seeds]
+        results.append((column, statistics.mean(diffs), sum(d > 0 for d in diffs)))
+    passed = all(mean > 0 and 2 * wins > len(seeds) for _, mean, wins in results)
+    return passed, results
+
+
+# What a variant's miner mined at the end of training (metrics.json, Detectron2's smoothing).
+MINED = [
+    ("hard bg share", "ohem/hard_set/background"),
+    ("hard bg IoU 0", "ohem/hard_bg_iou/0"),
+    ("(0,0.1)", "ohem/hard_bg_iou/(0,0.1)"),
+    ("[0.1,0.3)", "ohem/hard_bg_iou/[0.1,0.3)"),
+    ("[0.3,0.5)", "ohem/hard_bg_iou/[0.3,0.5)"),
+    ("suspect share of hard bg", "ohem/hard_bg_suspect"),
+    ("suspects per image", "ohem/num_suspect_candidates"),
+]
+
+
+def last_mined(ohem_dir):
+    """{label: value} of the last metrics.json record that has the miner's statistics."""
+    with open(os.path.join(ohem_dir, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if MINED[0][1] in line]
+    return {name: records[-1][key] for name, key in MINED}
+
+
+def _seeds(args):
+    table = load_seeds(args.runs)
+    print(format_runs(table) + "\n\n" + format_differences(table))
+
+
+def _grid(args):
+    rows = load_grid(args.pattern, args.lrs, args.seeds)
+    for method in METHODS:
+        table = {
+            f"{method} {lr}": {
+                s: rows[(method, lr, s)] for s in args.seeds if (method, lr, s) in rows
+            }
+            for lr in args.lrs
+        }
+        print(format_runs(table, COLUMNS, key="method, LR") + "\n")
+    for method in METHODS:
+        chosen = pick_rate(rows, method, args.lrs, args.seeds)
+        print(f"- {method}: " + (f"BASE_LR {chosen}" if chosen else "not all runs finished"))
+
+
+def _variants(args):
+    seeds = args.seeds
+    table = {"frcn": {}, "paper": {}}
+    for seed in seeds:
+        for s in load_run(args.baseline.format(seed=seed)):
+            if not s.get("recommended"):
+                table[label(s)][seed] = s
+    mined = {}
+    for spec in args.variants:
+        name, pattern = spec.split("=", 1)
+        table[name], mined[name] = {}, {}
+        for seed in seeds:
+            folder = pattern.format(seed=seed)
+            if not os.path.isfile(os.path.join(folder, "ohem", "summary.json")):
+                continue  # not run (yet): the verdict waits for every seed
+            (s,) = [
+                s for s in load_run(folder) if s["method"] == "ohem" and not s.get("recommended")
+            ]
+            table[name][seed] = s
+            mined[name][seed] = last_mined(os.path.join(folder, "ohem"))
+    print(format_runs(table, COLUMNS, key="method") + "\n")
+    print(format_differences({k: v for k, v in table.items() if k != "frcn"}, "paper") + "\n")
+    for name in mined:
+        passed, results = variant_verdict(table, name)
+        if passed is None:
+            print(f"- {name}: not every seed ran; no verdict")
+            continue
+        for column, mean, wins in results:
+            print(f"- {name}, {column}: mean {mean:+.1f}, better on {wins}/{len(seeds)}")
+        print(f"- {name}: {'RECOMMENDED' if passed else 'not recommended'}")
+    print("\n| variant | options | " + " | ".join(n for n, _ in MINED) + " |")
+    print("|---" * (len(MINED) + 2) + "|")
+    for name, by_seed in mined.items():
+        if by_seed:
+            cells = [f"{statistics.mean(m[n] for m in by_seed.values()):.3f}" for n, _ in MINED]
+            opts = " ".join(table[name][min(by_seed)]["ohem_opts"])
+            print(f"| {name} | `{opts}` | " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("seeds", help="FRCN, paper and recommended OHEM of demo runs")
+    s.add_argument("runs", nargs="+", metavar="DEMO_OUTPUT_DIR")
+    s.set_defaults(run=_seeds)
+    g = sub.add_parser("grid", help="a learning-rate grid on bccd_val and the rule's rates")
+    g.add_argument("pattern", help="the runs' --output-dir, with {lr} and {seed}")
+    g.add_argument("--lrs", nargs="+", default=["0.02", "0.01", "0.005"])
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    g.set_defaults(run=_grid)
+    v = sub.add_parser("variants", help="OHEM variants against paper OHEM, with the verdict")
+    v.add_argument("--baseline", required=True, help="FRCN's and paper OHEM's runs, {seed}")
+    v.add_argument("variants", nargs="+", metavar="NAME=PATTERN")
+    v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    v.set_defaults(run=_variants)
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

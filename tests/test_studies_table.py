@@ -1,0 +1,127 @@
+"""studies/table.py: the BCCD studies' tables read from hand-written summary.json files."""
+
+import json
+
+import pytest
+
+from studies.table import (
+    format_runs,
+    load_grid,
+    load_run,
+    load_seeds,
+    main,
+    pick_rate,
+    variant_verdict,
+)
+
+
+def summary(method, seed, m, coco, **more):
+    per_class = {"RBC": m - 1, "WBC": m + 1, "Platelets": m - 2}
+    return {
+        "method": method,
+        "seed": seed,
+        "voc_AP50_allpoint": m,
+        "coco_AP": coco,
+        "per_class_AP50_allpoint": per_class,
+        "mean_detections_per_image": 100.0,
+        "median_lowest_kept_score": 0.1,
+        "test_datasets": ["bccd_val"],
+        **more,
+    }
+
+
+def write_run(folder, summaries):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summaries))
+    for s in summaries:
+        if not s.get("recommended"):
+            (folder / s["method"]).mkdir()
+            (folder / s["method"] / "summary.json").write_text(json.dumps(s))
+
+
+def test_mean_and_spread_are_the_hand_computed_ones():
+    table = {"frcn": {0: summary("frcn", 0, 60.0, 30.0), 1: summary("frcn", 1, 64.0, 33.0)}}
+    lines = format_runs(table).splitlines()
+    # mAP50: mean (60 + 64) / 2 = 62.0, spread 4.0; COCO AP 31.5 and 3.0
+    assert lines[-1].startswith("| **frcn** | mean (spread) | 62.0 (4.0) | 31.5 (3.0) |")
+    assert lines[2].startswith("| frcn | 0 | 60.0 | 30.0 | 59.0 | 61.0 | 58.0 |")
+
+
+def test_a_column_a_run_did_not_record_is_a_dash():
+    s = summary("frcn", 0, 60.0, 30.0)
+    del s["median_lowest_kept_score"]
+    lines = format_runs({"frcn": {0: s}}).splitlines()
+    assert lines[2].endswith("| 100.0 | - |") and lines[3].endswith("| - |")
+
+
+def test_separate_method_runs_of_one_seed_read_as_one(tmp_path):
+    frcn, ohem = tmp_path / "frcn_s0", tmp_path / "ohem_s0"
+    for folder, method in ((frcn, "frcn"), (ohem, "ohem")):
+        (folder / method).mkdir(parents=True)
+        (folder / method / "summary.json").write_text(json.dumps(summary(method, 0, 60, 30)))
+    assert [s["method"] for s in load_run(f"{frcn}:{ohem}")] == ["frcn", "ohem"]
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        load_run(str(tmp_path / "nothing"))
+
+
+def test_the_seeds_table_names_frcn_paper_and_recommended(tmp_path, capsys):
+    for seed in (0, 1):
+        runs = [summary("frcn", seed, 60, 30), summary("ohem", seed, 62 + seed, 31)]
+        runs.append(summary("ohem", seed, 65, 33, recommended=True))
+        write_run(tmp_path / f"s{seed}", runs)
+    table = load_seeds([tmp_path / "s0", tmp_path / "s1"])
+    assert {k: sorted(v) for k, v in table.items()} == {
+        "frcn": [0, 1],
+        "paper": [0, 1],
+        "recommended": [0, 1],
+    }
+    main(["seeds", str(tmp_path / "s0"), str(tmp_path / "s1")])
+    out = capsys.readouterr().out.splitlines()
+    assert "| paper | 1 | +3.0 | +1.0 |" in out and "| recommended | 0 | +5.0 | +3.0 |" in out
+    with pytest.raises(ValueError, match="second frcn run of seed 0"):
+        load_seeds([tmp_path / "s0", tmp_path / "s0"])
+
+
+def test_the_grid_rule_picks_the_best_mean_and_breaks_a_tie_on_coco(tmp_path):
+    values = {  # (lr, seed): (frcn mAP50, COCO AP), ohem is FRCN + 1 at 0.005 only
+        ("0.01", 0): (60, 30),
+        ("0.01", 1): (64, 30),
+        ("0.005", 0): (63, 31),
+        ("0.005", 1): (61, 31),
+    }
+    for (lr, seed), (m, coco) in values.items():
+        opts = ["SOLVER.BASE_LR", lr]
+        runs = [summary("frcn", seed, m, coco, opts=opts)]
+        runs.append(summary("ohem", seed, m + (lr == "0.005"), coco, opts=opts))
+        write_run(tmp_path / f"lr{lr}_s{seed}", runs)
+    rows = load_grid(str(tmp_path / "lr{lr}_s{seed}"), ["0.01", "0.005"], [0, 1])
+    # FRCN: both means are 62.0; COCO AP 31 > 30 picks 0.005. OHEM: 63.0 > 62.0.
+    assert pick_rate(rows, "frcn", ["0.01", "0.005"], [0, 1]) == "0.005"
+    assert pick_rate(rows, "ohem", ["0.01", "0.005"], [0, 1]) == "0.005"
+    assert pick_rate(rows, "ohem", ["0.01", "0.005", "0.02"], [0, 1]) is None  # not run
+
+
+def test_a_grid_run_of_another_rate_is_refused(tmp_path):
+    write_run(tmp_path / "lr0.01_s0", [summary("frcn", 0, 60, 30, opts=["SOLVER.BASE_LR", "0.02"])])
+    with pytest.raises(ValueError, match="trained with"):
+        load_grid(str(tmp_path / "lr{lr}_s{seed}"), ["0.01"], [0])
+
+
+def test_a_variant_must_win_the_mean_and_most_seeds_in_both_metrics():
+    paper = {s: summary("ohem", s, 60, 30) for s in (0, 1, 2)}
+    # mAP50 +3, -1, +1 (mean +1, 2 of 3) and COCO AP +1, +1, -3 (mean -0.33, 2 of 3)
+    variant = {
+        0: summary("ohem", 0, 63, 31),
+        1: summary("ohem", 1, 59, 31),
+        2: summary("ohem", 2, 61, 27),
+    }
+    passed, results = variant_verdict({"paper": paper, "v": variant}, "v")
+    assert passed is False
+    assert [(c, round(m, 2), w) for c, m, w in results] == [
+        ("voc_AP50_allpoint", 1.0, 2),
+        ("coco_AP", -0.33, 2),
+    ]
+    variant[2] = summary("ohem", 2, 61, 31)
+    assert variant_verdict({"paper": paper, "v": variant}, "v")[0] is True
+    del variant[2]
+    assert variant_verdict({"paper": paper, "v": variant}, "v") == (None, [])
