@@ -16,6 +16,7 @@ separately. Each page in studies/ gives the exact command of each of its tables.
 import argparse
 import itertools
 import json
+import operator
 import os
 import statistics
 import sys
@@ -47,6 +48,8 @@ SEED_COLUMNS = [
     ("cap's bar", lambda s: s["median_lowest_kept_score"], 3),
 ]
 METHODS = ("frcn", "ohem")
+# COLUMNS read from a flat {column: value} (differences of two runs are computed on these).
+NUMBER_COLUMNS = [(n, operator.itemgetter(n), d) for n, _, d in COLUMNS]
 
 
 def _cell(value, digits):
@@ -216,52 +219,100 @@ def _seeds(args):
     print(format_runs(table) + "\n\n" + format_differences(table))
 
 
+def _row(cells, values):
+    return "| " + " | ".join(str(c) for c in cells) + " | " + " | ".join(values) + " |"
+
+
+def _cells(summary_or_values, columns=COLUMNS):
+    return [_cell(_value(get, summary_or_values), d) for _, get, d in columns]
+
+
+def _numbers(summary):
+    """{column: value} of the COLUMNS the run recorded."""
+    values = {n: _value(get, summary) for n, get, _ in COLUMNS}
+    return {n: v for n, v in values.items() if v is not None}
+
+
+def _difference(summary, reference):
+    """{column: summary's value - reference's} of the columns both recorded."""
+    a, b = _numbers(summary), _numbers(reference)
+    return {n: a[n] - b[n] for n in a.keys() & b.keys()}
+
+
+def _mean(summaries, columns=COLUMNS):
+    cells = []
+    for _, get, d in columns:
+        values = [_value(get, s) for s in summaries]
+        cells.append("-" if None in values else _cell(statistics.mean(values), d))
+    return cells
+
+
 def _grid(args):
     rows = load_grid(args.pattern, args.lrs, args.seeds)
-    for method in METHODS:
-        table = {
-            f"{method} {lr}": {
-                s: rows[(method, lr, s)] for s in args.seeds if (method, lr, s) in rows
-            }
-            for lr in args.lrs
-        }
-        print(format_runs(table, COLUMNS, key="method, LR") + "\n")
+    names = [n for n, _, _ in COLUMNS]
+    lines = ["| seed | method | LR | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    for seed, method, lr in itertools.product(args.seeds, METHODS, args.lrs):
+        if (method, lr, seed) in rows:
+            lines.append(_row((seed, method, lr), _cells(rows[(method, lr, seed)])))
+    for method, lr in itertools.product(METHODS, args.lrs):
+        seeds = [s for s in args.seeds if (method, lr, s) in rows]
+        if seeds:
+            label = "mean" if len(seeds) == len(args.seeds) else f"mean of seeds {seeds}"
+            lines.append(_row((label, method, lr), _mean([rows[(method, lr, s)] for s in seeds])))
+    print("\n".join(lines) + "\n")
     for method in METHODS:
         chosen = pick_rate(rows, method, args.lrs, args.seeds)
         print(f"- {method}: " + (f"BASE_LR {chosen}" if chosen else "not all runs finished"))
 
 
 def _variants(args):
-    seeds = args.seeds
-    table = {"frcn": {}, "paper": {}}
-    for seed in seeds:
+    """FRCN ("frcn"), paper OHEM ("ohem") and each variant, then each variant minus paper OHEM,
+    the rule's verdict and what each variant mined."""
+    table = {"frcn": {}, "ohem": {}}
+    for seed in args.seeds:
         for s in load_run(args.baseline.format(seed=seed)):
             if not s.get("recommended"):
-                table[label(s)][seed] = s
+                table[s["method"]][seed] = s
     mined = {}
     for spec in args.variants:
         name, pattern = spec.split("=", 1)
         table[name], mined[name] = {}, {}
-        for seed in seeds:
+        for seed in args.seeds:
             folder = pattern.format(seed=seed)
             if not os.path.isfile(os.path.join(folder, "ohem", "summary.json")):
                 continue  # not run (yet): the verdict waits for every seed
-            (s,) = [
-                s for s in load_run(folder) if s["method"] == "ohem" and not s.get("recommended")
-            ]
-            table[name][seed] = s
+            with open(os.path.join(folder, "ohem", "summary.json")) as f:
+                table[name][seed] = json.load(f)
             mined[name][seed] = last_mined(os.path.join(folder, "ohem"))
-    print(format_runs(table, COLUMNS, key="method") + "\n")
-    print(format_differences({k: v for k, v in table.items() if k != "frcn"}, "paper") + "\n")
+    names = [n for n, _, _ in COLUMNS]
+    lines = ["| seed | method | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for seed in args.seeds:
+        lines += [_row((seed, m), _cells(runs[seed])) for m, runs in table.items() if seed in runs]
+    for method, runs in table.items():
+        seeds = sorted(runs)
+        label = "mean" if len(seeds) == len(args.seeds) else f"mean of seeds {seeds}"
+        lines.append(_row((label, method), _mean(runs.values())))
     for name in mined:
-        passed, results = variant_verdict(table, name)
+        seeds = sorted(table[name])
+        for seed in (*seeds, "mean"):
+            chosen = seeds if seed == "mean" else (seed,)
+            diffs = _mean(
+                [_difference(table[name][s], table["ohem"][s]) for s in chosen], NUMBER_COLUMNS
+            )
+            lines.append(_row((seed, f"{name} - ohem"), diffs))
+    print("\n".join(lines))
+    print("\nThe rule (better than paper OHEM on the mean and on >= 2 of 3 seeds, in both")
+    print("all-point mAP50 and COCO AP):\n")
+    for name in mined:
+        passed, results = variant_verdict(table, name, reference="ohem")
         if passed is None:
-            print(f"- {name}: not every seed ran; no verdict")
+            print(f"- {name}: only seeds {sorted(table[name])} ran; no verdict")
             continue
         for column, mean, wins in results:
-            print(f"- {name}, {column}: mean {mean:+.1f}, better on {wins}/{len(seeds)}")
+            print(f"- {name}, {column}: mean {mean:+.1f}, better on {wins}/{len(args.seeds)}")
         print(f"- {name}: {'RECOMMENDED' if passed else 'not recommended'}")
-    print("\n| variant | options | " + " | ".join(n for n, _ in MINED) + " |")
+    print("\nWhat each variant mined at the end of training (mean over its seeds):\n")
+    print("| variant | options | " + " | ".join(n for n, _ in MINED) + " |")
     print("|---" * (len(MINED) + 2) + "|")
     for name, by_seed in mined.items():
         if by_seed:

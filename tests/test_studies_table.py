@@ -5,6 +5,7 @@ import json
 import pytest
 
 from studies.table import (
+    MINED,
     format_runs,
     load_grid,
     load_run,
@@ -125,3 +126,33 @@ def test_a_variant_must_win_the_mean_and_most_seeds_in_both_metrics():
     assert variant_verdict({"paper": paper, "v": variant}, "v")[0] is True
     del variant[2]
     assert variant_verdict({"paper": paper, "v": variant}, "v") == (None, [])
+
+
+def test_the_grid_command_prints_every_run_the_means_and_the_rates(tmp_path, capsys):
+    for lr, seed in ((lr, seed) for lr in ("0.01", "0.005") for seed in (0, 1)):
+        opts = ["SOLVER.BASE_LR", lr]
+        m = {"0.01": 60, "0.005": 62}[lr] + seed
+        write_run(tmp_path / f"lr{lr}_s{seed}", [summary("frcn", seed, m, 30, opts=opts)])
+    main(["grid", str(tmp_path / "lr{lr}_s{seed}"), "--lrs", "0.01", "0.005"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("| 0 | frcn | 0.01 | 60.0 | - | 59.0 | 61.0 | 58.0 | 30.0 |")
+    assert any(line.startswith("| mean | frcn | 0.005 | 62.5 |") for line in out)
+    assert "- frcn: BASE_LR 0.005" in out and "- ohem: not all runs finished" in out
+
+
+def test_the_variants_command_reads_the_baseline_runs_and_the_miner(tmp_path, capsys):
+    for seed in (0, 1, 2):
+        write_run(
+            tmp_path / f"base_s{seed}",
+            [summary("frcn", seed, 60, 30), summary("ohem", seed, 62, 31)],
+        )
+        write_run(tmp_path / f"v_s{seed}", [summary("ohem", seed, 63, 32, ohem_opts=["X", "1"])])
+        record = {key: 0.5 for _, key in MINED}
+        lines = [json.dumps({"iteration": 1}), json.dumps(record)]
+        (tmp_path / f"v_s{seed}" / "ohem" / "metrics.json").write_text("\n".join(lines))
+    base, variant = str(tmp_path / "base_s{seed}"), "v=" + str(tmp_path / "v_s{seed}")
+    main(["variants", "--baseline", base, variant])
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("| mean | v - ohem | 1.0 |") for line in out)
+    assert "- v: RECOMMENDED" in out
+    assert out[-1].startswith("| v | `X 1` | 0.500 |")
