@@ -45,15 +45,21 @@ def evaluate(run_dir, summary, cap):
 
 
 def trained_runs(spec):
-    """[(run folder, summary)] of each trained model of DIR or FRCN_DIR:OHEM_DIR (the
-    recommended OHEM is the paper's model evaluated otherwise, so it is left out)."""
-    runs = {}
-    for folder in spec.split(":"):
+    """[(run folder, summary)] of each trained model of DIR, or of FRCN_DIR:OHEM_DIR (FRCN's
+    model from the first folder, OHEM's from the second). The recommended OHEM is the paper's
+    model evaluated otherwise, so it is left out."""
+    folders = spec.split(":")
+    wanted = dict(zip(("frcn", "ohem"), folders)) if len(folders) == 2 else None
+    runs = []
+    for folder in folders:
         for summary in load_run(folder):
-            model = os.path.join(folder, summary["method"], "model_final.pth")
-            if not summary.get("recommended") and os.path.isfile(model):
-                runs[summary["method"]] = (folder, summary)
-    return [runs[m] for m in sorted(runs)]
+            method = summary["method"]
+            model = os.path.join(folder, method, "model_final.pth")
+            if summary.get("recommended") or not os.path.isfile(model):
+                continue
+            if wanted is None or wanted[method] == folder:
+                runs.append((folder, summary))
+    return sorted(runs, key=lambda run: run[1]["method"])
 
 
 def main():

@@ -309,6 +309,7 @@ def _variants(args):
             print(f"- {name}: only seeds {sorted(table[name])} ran; no verdict")
             continue
         for column, mean, wins in results:
+            column = {"voc_AP50_allpoint": "mAP50 all-pt", "coco_AP": "COCO AP"}[column]
             print(f"- {name}, {column}: mean {mean:+.1f}, better on {wins}/{len(args.seeds)}")
         print(f"- {name}: {'RECOMMENDED' if passed else 'not recommended'}")
     print("\nWhat each variant mined at the end of training (mean over its seeds):\n")

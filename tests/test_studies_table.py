@@ -156,3 +156,17 @@ def test_the_variants_command_reads_the_baseline_runs_and_the_miner(tmp_path, ca
     assert any(line.startswith("| mean | v - ohem | 1.0 |") for line in out)
     assert "- v: RECOMMENDED" in out
     assert out[-1].startswith("| v | `X 1` | 0.500 |")
+
+
+def test_the_cap_diagnostic_takes_frcn_from_the_first_folder_and_ohem_from_the_second(tmp_path):
+    from studies.detection_cap import trained_runs
+
+    for lr in ("0.01", "0.005"):
+        runs = [summary("frcn", 0, 60, 30), summary("ohem", 0, 62, 31)]
+        runs.append(summary("ohem", 0, 65, 33, recommended=True))
+        write_run(tmp_path / lr, runs)
+        for method in ("frcn", "ohem"):
+            (tmp_path / lr / method / "model_final.pth").write_bytes(b"")
+    a, b = str(tmp_path / "0.01"), str(tmp_path / "0.005")
+    assert [(f, s["method"]) for f, s in trained_runs(f"{a}:{b}")] == [(a, "frcn"), (b, "ohem")]
+    assert [(f, s["method"]) for f, s in trained_runs(a)] == [(a, "frcn"), (a, "ohem")]
