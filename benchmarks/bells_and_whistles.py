@@ -144,8 +144,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--jsonl", help="append each result to this file as it is measured (long runs keep "
-        "what they finished)"
+        "--jsonl",
+        help="append each result to this file as it is measured (long runs keep "
+        "what they finished)",
     )
     return parser.parse_args(argv)
 

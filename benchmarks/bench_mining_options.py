@@ -1,6 +1,6 @@
 """What the options against unlabelled objects (issue 13) cost, as a share of an iteration.
 
-    python benchmarks/bench_mining_options.py --iters 10 --repeats 20
+    python -m benchmarks.bench_mining_options --iters 10 --repeats 20
 
 Builds the demo's OHEM model (configs/bccd/ohem.yaml, the demo's schedule settings) and two
 BCCD training images mapped as in training (their shipped selective-search proposals). In one
@@ -12,25 +12,20 @@ iteration, and the option's extra time over paper OHEM's select. Not a test: ass
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detectron2.solver import build_optimizer  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-from ohem_d2.demo import build_demo_cfg  # noqa: E402
-from ohem_d2.engine import Trainer, register_project_datasets  # noqa: E402
-from ohem_d2.engine.allocator import allocator_in_use, relaunch_with_allocator  # noqa: E402
-from ohem_d2.engine.loaders import dataset_dicts_with_proposals, proposal_mapper  # noqa: E402
+from ohem_d2.demo import build_demo_cfg
+from ohem_d2.engine import Trainer, register_project_datasets
+from ohem_d2.engine.allocator import allocator_in_use, relaunch_with_allocator
+from ohem_d2.engine.loaders import dataset_dicts_with_proposals, proposal_mapper
 from ohem_d2.modeling.ohem import (
-    HardExampleMiner,  # noqa: E402
-    readonly_head,  # noqa: E402
+    HardExampleMiner,
+    readonly_head,
 )
 
 K = "MODEL.ROI_HEADS.OHEM."

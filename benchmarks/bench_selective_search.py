@@ -8,7 +8,7 @@ checks that every worker count gives the same boxes.
 
 Usage::
 
-    python benchmarks/bench_selective_search.py [--num-images 24] [--modes fast quality]
+    python -m benchmarks.bench_selective_search [--num-images 24] [--modes fast quality]
         [--workers 1 2] [--workdir DIR]
 
 Prints a Markdown table (for benchmarks/selective_search.md) and the load average. CPU

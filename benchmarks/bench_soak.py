@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Soak: resident memory over a long single-process training run of the narrow toy model.
 
-    .venv/bin/python benchmarks/bench_soak.py --iters 300 --config configs/toy/ohem.yaml
+    .venv/bin/python -m benchmarks.bench_soak --iters 300 --config configs/toy/ohem.yaml
 
 Runs on the allocator train_net.py would use (``--allocator``, default auto: jemalloc when
 found). Trains with the project's Trainer (data loader, OHEM head, hooks, writers, checkpoints as
@@ -26,21 +26,20 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import ohem_d2  # noqa: E402
-from ohem_d2.data.embedded import (  # noqa: E402
+import ohem_d2
+from ohem_d2.data.embedded import (
     embedded_proposal_file,
     register_embedded_dataset,
 )
-from ohem_d2.engine import Trainer  # noqa: E402
-from ohem_d2.engine.allocator import (  # noqa: E402
+from ohem_d2.engine import Trainer
+from ohem_d2.engine.allocator import (
     ALLOCATORS,
     allocator_in_use,
     relaunch_with_allocator,
 )
-from ohem_d2.proposals.embedded import generate_embedded_dataset  # noqa: E402
+from ohem_d2.proposals.embedded import generate_embedded_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RSSSampler(HookBase):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Median seconds per training iteration of a toy config on the embedded dataset.
 
-    .venv/bin/python benchmarks/bench_toy_step.py --config configs/toy/ohem.yaml --iters 30
+    .venv/bin/python -m benchmarks.bench_toy_step --config configs/toy/ohem.yaml --iters 30
 
 Builds the model, optimizer and proposal-aware train loader with the project's Trainer
 classmethods and times forward + backward + SGD step (data loading excluded). Used to
@@ -12,18 +12,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import ohem_d2
+from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets
 
-import ohem_d2  # noqa: E402
-from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ train on the same synthetic images, ground truth and proposals; their iterations
 interleaved (ABBA order) after warm-up and the medians are reported. Peak memory is measured
 in a separate process per model. Prints one JSON line.
 
-    python benchmarks/bench_train_step.py --arch vgg16 --image-size 600 --images 2 \\
+    python -m benchmarks.bench_train_step --arch vgg16 --image-size 600 --images 2 \\
         --proposals 2000 --iters 5 --json
 
 This is a benchmark, not a test: it asserts nothing about time. The measurements are in
@@ -18,15 +18,21 @@ import os
 import subprocess
 import sys
 
-from train_step_lib import compare, measure_memory, parse_args, profile_table
-
+from benchmarks.train_step_lib import compare, measure_memory, parse_args, profile_table
 from ohem_d2.engine.allocator import allocator_in_use, relaunch_with_allocator
 
 
 def peak_memory_mb(args, variant):
     """Peak memory of ``variant``'s training iteration, in a fresh process (--memory-worker)."""
     # Before the config overrides, which take the rest of the command line.
-    cmd = [sys.executable, __file__, "--memory-worker", variant, *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_train_step",
+        "--memory-worker",
+        variant,
+        *sys.argv[1:],
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

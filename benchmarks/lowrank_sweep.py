@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Hard-set overlap and speed of the low-rank readonly pass for several RANK / NUM_LAYERS.
 
-    .venv/bin/python benchmarks/lowrank_sweep.py --specs 512:0 512:1 256:1 128:1
+    .venv/bin/python -m benchmarks.lowrank_sweep --specs 512:0 512:1 256:1 128:1
 
 Each spec is RANK:NUM_LAYERS (NUM_LAYERS 0: every layer a factorisation makes cheaper; 1:
 fc6 only). On VGG16 at 600 x 800, N = 2, 2000 proposals per image (bench_train_step.py's
@@ -13,21 +13,17 @@ masks, for two mask seeds. Prints one JSON line per spec. A benchmark, not a tes
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detectron2.utils.events import EventStorage
 
-import train_step_lib as bench  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-from ohem_d2.engine.allocator import (  # noqa: E402
+import benchmarks.train_step_lib as bench
+from ohem_d2.engine.allocator import (
     ALLOCATORS,
     allocator_in_use,
     relaunch_with_allocator,
 )
-from ohem_d2.modeling.ohem import LowRankReadonly, ReadonlyScorer  # noqa: E402
+from ohem_d2.modeling.ohem import LowRankReadonly, ReadonlyScorer
 
 SEEDS = (1, 2)
 

@@ -3,7 +3,7 @@
 Runs ``bench_train_step.py`` once per proposal count (each in its own process) and prints a
 markdown table; the raw JSON lines go to ``--out``.
 
-    python benchmarks/scaling.py --arch vgg16 --proposals 500 2000 5000 20000 \\
+    python -m benchmarks.scaling --arch vgg16 --proposals 500 2000 5000 20000 \\
         --iters 1 --out benchmarks/results/scaling_vgg16.jsonl
 """
 
@@ -12,8 +12,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-BENCH = Path(__file__).resolve().with_name("bench_train_step.py")
 
 
 def main():
@@ -31,7 +29,8 @@ def main():
     for n in args.proposals:
         cmd = [
             sys.executable,
-            str(BENCH),
+            "-m",
+            "benchmarks.bench_train_step",
             f"--arch={args.arch}",
             f"--image-size={args.image_size}",
             f"--proposals={n}",

@@ -9,7 +9,6 @@ the command line; ``lowrank_sweep.py`` reuses the batch, the models and the hard
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -21,15 +20,14 @@ from detectron2.solver import build_optimizer
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ohem_d2.config import add_ohem_config  # noqa: E402
-from ohem_d2.engine.allocator import (  # noqa: E402
+from ohem_d2.config import add_ohem_config
+from ohem_d2.engine.allocator import (
     ALLOCATORS,
     allocator_in_use,
 )
-from ohem_d2.modeling.ohem import ReadonlyScorer, readonly_head  # noqa: E402
+from ohem_d2.modeling.ohem import ReadonlyScorer, readonly_head
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (FRCN config, OHEM config), relative to the repository.
 ARCHS = {
