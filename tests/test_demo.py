@@ -155,16 +155,16 @@ def test_hard_example_pictures_leave_the_trained_model_and_its_random_draws_unto
     import torch
 
     from ohem_d2.data.bccd import register_bccd
-    from ohem_d2.demo import _probe_inputs, build_demo_cfg
+    from ohem_d2.demo import build_demo_cfg, probe_inputs
+    from ohem_d2.demo.hooks import HardExampleSnapshot
     from ohem_d2.engine import Trainer
-    from ohem_d2.engine.hooks import HardExampleSnapshot
 
     # Only BCCD: the toy set's fixtures register it for their own folders later in the run.
     register_bccd()
     cfg = build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu")
     model = Trainer.build_model(cfg)
     model.train()
-    inputs = _probe_inputs(cfg, 2)
+    inputs = probe_inputs(cfg, 2)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert norms, "the demo's backbone has BN layers"
     before = [b.clone() for b in model.buffers()]
@@ -193,9 +193,9 @@ def test_roi_loss_probe_sees_the_scores_as_trained_under_prior_correction():
     import torch
 
     from ohem_d2.data.bccd import register_bccd
-    from ohem_d2.demo import _probe_inputs, build_demo_cfg
+    from ohem_d2.demo import build_demo_cfg, probe_inputs
+    from ohem_d2.demo.hooks import RoILossProbe
     from ohem_d2.engine import Trainer
-    from ohem_d2.engine.hooks import RoILossProbe
 
     register_bccd()
     opts = ["MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION", "True"]
@@ -204,7 +204,7 @@ def test_roi_loss_probe_sees_the_scores_as_trained_under_prior_correction():
     plain.load_state_dict(corrected.state_dict(), strict=False)
     corrected.roi_heads.ohem_class_counts_all.copy_(torch.tensor([90, 17, 4, 889]))
     corrected.roi_heads.ohem_class_counts_hard.copy_(torch.tensor([44, 7, 4, 45]))
-    inputs = _probe_inputs(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu"), 1)
+    inputs = probe_inputs(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu"), 1)
     losses = []
     for model in (corrected, plain):
         probe = RoILossProbe(inputs, 1, "unused")
