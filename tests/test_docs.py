@@ -1,0 +1,100 @@
+"""The user's pages: every relative link resolves (file and heading), the README stays short,
+and the README's results are the linked study's numbers."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = sorted(
+    [REPO / "README.md", REPO / "datasets" / "README.md"]
+    + [p for d in ("docs", "studies", "benchmarks") for p in (REPO / d).glob("*.md")]
+)
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading):
+    """GitHub's anchor of a Markdown heading."""
+    text = heading.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page):
+    with open(page) as f:
+        lines = f.read().split("\n")
+    inside_code = False
+    found = set()
+    for line in lines:
+        if line.startswith("```"):
+            inside_code = not inside_code
+        elif not inside_code and line.startswith("#"):
+            found.add(slug(line.lstrip("#")))
+    return found
+
+
+def test_slug_is_githubs():
+    assert slug(" BCCD (the demo's data, shipped in `datasets/bccd/`)") == (
+        "bccd-the-demos-data-shipped-in-datasetsbccd"
+    )
+    assert slug(" M and M+B: 5 scales") == "m-and-mb-5-scales"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if not resolved.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{page.relative_to(REPO)}: {broken}"
+
+
+def test_readme_is_at_most_200_lines():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_readme_results_are_the_studys_numbers():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Results on BCCD", 1)[1].split("\n## ", 1)[0]
+    study_link = "studies/bccd_score_floor.md"
+    assert study_link in section
+    study = (REPO / study_link).read_text()
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
+    numbers = [n for row in rows for n in re.findall(r"\d+\.\d+(?: \(\d+\.\d+\))?", row)]
+    assert len(numbers) == 15
+    missing = [n for n in numbers if n not in study]
+    assert not missing, f"README numbers not on {study_link}: {missing}"
+
+
+def test_no_page_names_the_development_process():
+    words = re.compile(r"\b(issue \d+|this session|the issue's|this 2-core machine)\b", re.I)
+    hits = [
+        f"{p.relative_to(REPO)}: {m.group(0)}" for p in PAGES for m in words.finditer(p.read_text())
+    ]
+    assert not hits, hits
+
+
+def test_the_pages_name_no_missing_module():
+    """`python -m X` in a page names a module of the project, or of its dependencies."""
+    import importlib.util
+
+    missing = set()
+    for page in PAGES:
+        for module in re.findall(r"python -m ([\w.]+)", page.read_text()):
+            if module.split(".")[0] in ("ohem_d2", "benchmarks", "studies") and module.islower():
+                cwd = os.getcwd()
+                try:
+                    os.chdir(REPO)
+                    if importlib.util.find_spec(module) is None:
+                        missing.add(f"{page.relative_to(REPO)}: {module}")
+                finally:
+                    os.chdir(cwd)
+    assert not missing, sorted(missing)
