@@ -18,7 +18,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 import ohem_d2
-from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets
+from ohem_d2.engine import Trainer, prepare_toy_dataset, register_project_datasets
 from ohem_d2.engine.allocator import ALLOCATORS, allocator_in_use, relaunch_with_allocator
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 from ohem_d2.engine.datasets import DatasetRegistrationError, register_user_datasets
@@ -93,7 +93,7 @@ def check_setup(args):
     check_dist_url(args.dist_url, world_size=world_size, machine_rank=args.machine_rank)
     if cfg is not None:
         # Generated once here, before any worker process starts (a no-op when present).
-        prepare_embedded_dataset(cfg)
+        prepare_toy_dataset(cfg)
     return processes
 
 

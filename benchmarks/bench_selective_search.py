@@ -1,6 +1,6 @@
 """Selective-search throughput on VOC-sized images: images/s with 1 and with all workers.
 
-Images are rendered locally by the embedded dataset's generator at VOC size (both sides
+Images are rendered locally by the toy dataset's generator at VOC size (both sides
 drawn from [375, 500] px, i.e. about the pixel count of a 500x375 VOC image); nothing is
 downloaded. Each (mode, workers) setting runs :func:`compute_proposal_file` from scratch on
 the same images, as ``python -m ohem_d2.proposals.selective_search`` does, and the script
@@ -32,8 +32,8 @@ import numpy as np
 
 from ohem_d2.data.proposal_io import read_proposal_file
 from ohem_d2.proposals.compute import compute_proposal_file
-from ohem_d2.proposals.embedded import generate_embedded_dataset
 from ohem_d2.proposals.search import DEFAULT_MIN_SIZE, MODES
+from ohem_d2.proposals.toy import generate_toy_dataset
 
 VOC_MIN_SIDE, VOC_MAX_SIDE = 375, 500
 
@@ -46,7 +46,7 @@ def _available_cores() -> int:
 
 def _voc_sized_images(root: str, count: int) -> list[tuple[str, str]]:
     # The generator needs >= 2 test images; only the trainval ones are timed.
-    generate_embedded_dataset(
+    generate_toy_dataset(
         root,
         num_trainval=count,
         num_test=2,

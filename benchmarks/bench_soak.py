@@ -8,7 +8,7 @@ found). Trains with the project's Trainer (data loader, OHEM head, hooks, writer
 configured), samples the process's RSS after every iteration and prints one JSON object:
 RSS at the reference iteration (default 50, after warm-up: allocator pools, data loader
 buffers) and at the end, the growth between them in percent, and whether it is within
-``--max-growth`` percent. The embedded dataset is generated under ``--datasets`` if absent.
+``--max-growth`` percent. The toy dataset is generated under ``--datasets`` if absent.
 The JSON object is the last thing on stdout (after Detectron2's log). Results and the exact
 command: benchmarks/soak.md.
 """
@@ -27,9 +27,9 @@ from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 
 import ohem_d2
-from ohem_d2.data.embedded import (
-    embedded_proposal_file,
-    register_embedded_dataset,
+from ohem_d2.data.toy import (
+    register_toy_dataset,
+    toy_proposal_file,
 )
 from ohem_d2.engine import Trainer
 from ohem_d2.engine.allocator import (
@@ -37,7 +37,7 @@ from ohem_d2.engine.allocator import (
     allocator_in_use,
     relaunch_with_allocator,
 )
-from ohem_d2.proposals.embedded import generate_embedded_dataset
+from ohem_d2.proposals.toy import generate_toy_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,9 +77,9 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
 
     root = os.path.join(args.datasets, "ohem_toy")
-    if not os.path.exists(embedded_proposal_file(root, "trainval")):
-        generate_embedded_dataset(root, num_trainval=args.num_trainval, num_test=12)
-    register_embedded_dataset(root)
+    if not os.path.exists(toy_proposal_file(root, "trainval")):
+        generate_toy_dataset(root, num_trainval=args.num_trainval, num_test=12)
+    register_toy_dataset(root)
 
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
@@ -87,7 +87,7 @@ def main(argv=None):
     out = tempfile.mkdtemp(prefix="soak_")
     cfg.merge_from_list(
         [
-            "DATASETS.PROPOSAL_FILES_TRAIN", (embedded_proposal_file(root, "trainval"),),
+            "DATASETS.PROPOSAL_FILES_TRAIN", (toy_proposal_file(root, "trainval"),),
             "DATASETS.TEST", (), "DATASETS.PROPOSAL_FILES_TEST", (),
             "SOLVER.MAX_ITER", args.iters,
             "OUTPUT_DIR", out,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Median seconds per training iteration of a toy config on the embedded dataset.
+"""Median seconds per training iteration of a toy config on the toy dataset.
 
     .venv/bin/python -m benchmarks.bench_toy_step --config configs/toy/ohem.yaml --iters 30
 
@@ -19,7 +19,7 @@ from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
 import ohem_d2
-from ohem_d2.engine import Trainer, prepare_embedded_dataset, register_project_datasets
+from ohem_d2.engine import Trainer, prepare_toy_dataset, register_project_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def main(argv=None):
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, args.config))
-    prepare_embedded_dataset(cfg)
+    prepare_toy_dataset(cfg)
     register_project_datasets()
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)

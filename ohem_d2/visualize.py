@@ -57,7 +57,7 @@ def _test_metadata(cfg):
     try:
         register_project_datasets()
     except ValueError as e:  # already registered for another root (e.g. by a test)
-        logger.debug("Embedded dataset not re-registered: %s", e)
+        logger.debug("Toy dataset not re-registered: %s", e)
     if not cfg.DATASETS.TEST or cfg.DATASETS.TEST[0] not in DatasetCatalog.list():
         return None
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
@@ -205,7 +205,7 @@ def _parse_args(argv):
         type=int,
         default=DEFAULT_MIN_SIZE,
         help=f"selective search drops boxes with a side below this (default {DEFAULT_MIN_SIZE} "
-        "for VOC-sized images; the embedded dataset uses 8)",
+        "for VOC-sized images; the toy dataset uses 8)",
     )
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs, at the end"

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from ohem_d2.data.embedded import embedded_proposal_file
+from ohem_d2.data.toy import toy_proposal_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ FAST = [
 
 def toy_overrides(root):
     """Config overrides that point the toy configs at the dataset in `root`."""
-    train, test = (embedded_proposal_file(root, s) for s in ("trainval", "test"))
+    train, test = (toy_proposal_file(root, s) for s in ("trainval", "test"))
     return [
         "DATASETS.PROPOSAL_FILES_TRAIN",
         f"('{train}',)",

@@ -14,8 +14,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from helpers import FAST, REPO, toy_overrides
 
 import ohem_d2
-from ohem_d2.data.embedded import EMBEDDED_CLASS_NAMES, embedded_proposal_file
 from ohem_d2.data.proposal_io import ProposalFileError, read_proposal_file, save_proposals_npz
+from ohem_d2.data.toy import TOY_CLASS_NAMES, toy_proposal_file
 from ohem_d2.engine import Trainer
 from ohem_d2.engine.checkpoint import CheckpointMismatchError, SafeDetectionCheckpointer
 from ohem_d2.engine.loaders import UnreadableImageError, proposal_mapper
@@ -41,7 +41,7 @@ def register(small_toy_registered):
 
     def reg(name, dicts):
         DatasetCatalog.register(name, lambda: [dict(d) for d in dicts])
-        MetadataCatalog.get(name).set(thing_classes=list(EMBEDDED_CLASS_NAMES))
+        MetadataCatalog.get(name).set(thing_classes=list(TOY_CLASS_NAMES))
         names.append(name)
         return name
 
@@ -73,7 +73,7 @@ class _Records(logging.Handler):
 
 
 def _toy_proposals(root):
-    return read_proposal_file(embedded_proposal_file(root, "trainval"))
+    return read_proposal_file(toy_proposal_file(root, "trainval"))
 
 
 def _train_loader_error(make_cfg, proposal_file, error=ProposalFileError):
@@ -103,7 +103,7 @@ def test_01_missing_proposal_file(make_cfg, tmp_path):
 
 def test_02_proposal_ids_do_not_match_dataset(make_cfg, small_toy_root):
     # The test split's file for the trainval split: no id in common.
-    message = _train_loader_error(make_cfg, embedded_proposal_file(small_toy_root, "test"))
+    message = _train_loader_error(make_cfg, toy_proposal_file(small_toy_root, "test"))
     assert "ss_ohem_toy_test.npz" in message
     assert "has no proposals for 24 of the 24 images" in message and "'000001'" in message
 
@@ -144,7 +144,7 @@ def test_04_to_07_bad_box_coordinates(make_cfg, small_toy_root, tmp_path, value,
 
 
 def test_08_npz_with_missing_keys(make_cfg, small_toy_root, tmp_path):
-    with np.load(embedded_proposal_file(small_toy_root, "trainval")) as npz:
+    with np.load(toy_proposal_file(small_toy_root, "trainval")) as npz:
         arrays = {k: npz[k] for k in npz.files if k != "scores"}
     path = tmp_path / "no_scores.npz"
     np.savez(path, **arrays)
@@ -153,7 +153,7 @@ def test_08_npz_with_missing_keys(make_cfg, small_toy_root, tmp_path):
 
 
 def test_09_npz_with_wrong_shapes(make_cfg, small_toy_root, tmp_path):
-    with np.load(embedded_proposal_file(small_toy_root, "trainval")) as npz:
+    with np.load(toy_proposal_file(small_toy_root, "trainval")) as npz:
         arrays = {k: npz[k] for k in npz.files}
     arrays["boxes"] = arrays["boxes"][:, :3]
     path = tmp_path / "three_coordinates.npz"
@@ -265,7 +265,7 @@ def test_15_empty_dataset(make_cfg, register):
 
 
 def test_16_one_proposal_file_per_dataset(make_cfg, small_toy_root):
-    train = embedded_proposal_file(small_toy_root, "trainval")
+    train = toy_proposal_file(small_toy_root, "trainval")
     cfg = make_cfg("frcn.yaml", "DATASETS.PROPOSAL_FILES_TRAIN", (train, train))
     with pytest.raises(ValueError, match=r"one proposal file per dataset: got 2 file\(s\)"):
         Trainer.build_train_loader(cfg)

@@ -1,4 +1,4 @@
-"""The main job end to end, for a few iterations on the small embedded dataset."""
+"""The main job end to end, for a few iterations on the small toy dataset."""
 
 import json
 import os

@@ -12,8 +12,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from helpers import REPO, run_train_net
 
-from ohem_d2.data.embedded import EMBEDDED_CLASS_NAMES, embedded_proposal_file
 from ohem_d2.data.proposal_io import read_proposal_file, save_proposals_npz
+from ohem_d2.data.toy import TOY_CLASS_NAMES, toy_proposal_file
 from ohem_d2.engine.datasets import DatasetRegistrationError, register_user_datasets
 from ohem_d2.engine.distributed import DistributedSetupError, check_devices
 
@@ -21,7 +21,7 @@ from ohem_d2.engine.distributed import DistributedSetupError, check_devices
 SMALL = [
     "MODEL.DEVICE", "cpu",
     "MODEL.WEIGHTS", "",
-    "MODEL.ROI_HEADS.NUM_CLASSES", len(EMBEDDED_CLASS_NAMES),
+    "MODEL.ROI_HEADS.NUM_CLASSES", len(TOY_CLASS_NAMES),
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
     "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
     "INPUT.MIN_SIZE_TRAIN", "(128,)",
@@ -39,7 +39,7 @@ SMALL = [
 def _voc_to_coco(root, split, json_path, with_empty=0):
     """The toy split as COCO json (int ids; each box also as a rectangle polygon mask), plus
     `with_empty` copies of its first images with no annotation at all."""
-    dicts = load_voc_instances(root, split, list(EMBEDDED_CLASS_NAMES))
+    dicts = load_voc_instances(root, split, list(TOY_CLASS_NAMES))
     images, annotations = [], []
     for i, d in enumerate(dicts + dicts[:with_empty]):
         file_name = os.path.relpath(d["file_name"], os.path.join(root, "JPEGImages"))
@@ -61,7 +61,7 @@ def _voc_to_coco(root, split, json_path, with_empty=0):
                     "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
                 }
             )
-    categories = [{"id": k + 1, "name": n} for k, n in enumerate(EMBEDDED_CLASS_NAMES)]
+    categories = [{"id": k + 1, "name": n} for k, n in enumerate(TOY_CLASS_NAMES)]
     with open(json_path, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     return [str(d["image_id"]) for d in dicts + dicts[:with_empty]]
@@ -76,7 +76,7 @@ def toy_coco(small_toy_root, tmp_path_factory):
     for split, coco_split, empty in (("trainval", "train", 2), ("test", "val", 0)):
         path = str(out / f"{coco_split}.json")
         voc_ids = _voc_to_coco(small_toy_root, split, path, with_empty=empty)
-        proposals = read_proposal_file(embedded_proposal_file(small_toy_root, split))
+        proposals = read_proposal_file(toy_proposal_file(small_toy_root, split))
         by_id = dict(zip(proposals.ids, zip(proposals.boxes, proposals.scores)))
         npz = save_proposals_npz(
             str(out / f"proposals_{coco_split}.npz"),
@@ -195,13 +195,13 @@ def test_lazy_config_miner_batch_size_follows_the_head():
 
 
 def test_user_voc_dataset_registration(small_toy_root):
-    classes = ",".join(EMBEDDED_CLASS_NAMES)
+    classes = ",".join(TOY_CLASS_NAMES)
     try:
         (name,) = register_user_datasets(voc=[("my_voc_test", small_toy_root, "test", classes)])
         assert name == "my_voc_test"
         dicts = DatasetCatalog.get(name)
         assert len(dicts) == 12
-        assert MetadataCatalog.get(name).thing_classes == list(EMBEDDED_CLASS_NAMES)
+        assert MetadataCatalog.get(name).thing_classes == list(TOY_CLASS_NAMES)
         # Again, with the same files (every launched process registers): a no-op.
         register_user_datasets(voc=[("my_voc_test", small_toy_root, "test", classes)])
         with pytest.raises(DatasetRegistrationError, match="already registered"):

@@ -120,11 +120,11 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, image_files):
     assert read_proposal_file(out).ids == ["img0", "img1"]
 
 
-def test_cli_on_the_embedded_dataset_reproduces_its_proposal_file(tmp_path, capsys):
-    from ohem_d2.data.embedded import embedded_proposal_file
-    from ohem_d2.proposals.embedded import generate_embedded_dataset
+def test_cli_on_the_toy_dataset_reproduces_its_proposal_file(tmp_path, capsys):
+    from ohem_d2.data.toy import toy_proposal_file
+    from ohem_d2.proposals.toy import generate_toy_dataset
 
-    root = generate_embedded_dataset(
+    root = generate_toy_dataset(
         str(tmp_path / "toy"), num_trainval=2, num_test=3, workers=1, progress=False
     )
     out = str(tmp_path / "ss_ohem_toy_test.npz")
@@ -134,7 +134,7 @@ def test_cli_on_the_embedded_dataset_reproduces_its_proposal_file(tmp_path, caps
         "ohem_d2.proposals.selective_search",
         "--dataset",
         "ohem_toy_test",
-        "--embedded-root",
+        "--toy-root",
         root,
         "--out",
         out,
@@ -147,7 +147,7 @@ def test_cli_on_the_embedded_dataset_reproduces_its_proposal_file(tmp_path, caps
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "0 unreadable image(s) skipped" in result.stdout
-    expected = embedded_proposal_file(root, "test")
+    expected = toy_proposal_file(root, "test")
     assert open(out, "rb").read() == open(expected, "rb").read()
     # A second run refuses to overwrite silently (checked before any dataset is loaded).
     assert main(command[3:]) == 1

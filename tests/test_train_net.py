@@ -1,4 +1,4 @@
-"""End-to-end: train_net.py trains, evaluates and runs under DDP on the embedded dataset."""
+"""End-to-end: train_net.py trains, evaluates and runs under DDP on the toy dataset."""
 
 import os
 import re
@@ -115,7 +115,7 @@ def _toy_cfg(config, root, tmp_path, *opts):
 
 
 @pytest.mark.parametrize("config", ["ohem.yaml", "ohem_cascade.yaml", "ohem_res5.yaml"])
-def test_ohem_heads_train_on_embedded_dataset(small_toy_registered, tmp_path, config):
+def test_ohem_heads_train_on_toy_dataset(small_toy_registered, tmp_path, config):
     torch.manual_seed(0)
     trainer = Trainer(_toy_cfg(config, small_toy_registered, tmp_path))
     trainer.train()

@@ -10,8 +10,8 @@ from detectron2.modeling import build_model
 from helpers import REPO
 from PIL import Image
 
-from ohem_d2.data.embedded import embedded_proposal_file
 from ohem_d2.data.proposal_io import read_proposal_file
+from ohem_d2.data.toy import toy_proposal_file
 from ohem_d2.visualize import build_visualize_cfg, main
 
 CONFIG = os.path.join(REPO, "configs", "toy", "frcn.yaml")
@@ -28,7 +28,7 @@ def toy_weights(tmp_path_factory):
 
 
 def _test_image(root, k=0):
-    image_id = read_proposal_file(embedded_proposal_file(root, "test")).ids[k]
+    image_id = read_proposal_file(toy_proposal_file(root, "test")).ids[k]
     return image_id, os.path.join(root, "JPEGImages", f"{image_id}.jpg")
 
 
@@ -48,7 +48,7 @@ def test_selective_search_on_the_fly(tmp_path, small_toy_registered, toy_weights
 
 
 def test_proposals_from_npz(tmp_path, small_toy_registered, toy_weights, capsys):
-    npz = embedded_proposal_file(small_toy_registered, "test")
+    npz = toy_proposal_file(small_toy_registered, "test")
     image_id, image = _test_image(small_toy_registered, k=1)
     count = len(read_proposal_file(npz).boxes[1])
     assert _run([image], tmp_path, toy_weights, "--proposals", npz) == 0
@@ -59,7 +59,7 @@ def test_proposals_from_npz(tmp_path, small_toy_registered, toy_weights, capsys)
 def test_corrupt_and_unknown_images_are_skipped(
     tmp_path, small_toy_registered, toy_weights, capsys
 ):
-    npz = embedded_proposal_file(small_toy_registered, "test")
+    npz = toy_proposal_file(small_toy_registered, "test")
     image_id, image = _test_image(small_toy_registered)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(open(image, "rb").read()[:200])  # a truncated JPEG

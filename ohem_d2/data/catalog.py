@@ -4,18 +4,18 @@ lines take a dataset name and need no separate registration step)."""
 from __future__ import annotations
 
 from .bccd import BCCD_DATASET_NAMES, register_bccd
-from .embedded import EMBEDDED_DATASET_NAMES, register_embedded_dataset
+from .toy import TOY_DATASET_NAMES, register_toy_dataset
 
 __all__ = ["dataset_images", "registered_dataset_dicts"]
 
 
-def registered_dataset_dicts(dataset_name: str, *, embedded_root: str | None = None) -> list[dict]:
+def registered_dataset_dicts(dataset_name: str, *, toy_root: str | None = None) -> list[dict]:
     """The records of a registered Detectron2 dataset (the project's own names, ``ohem_toy_*``
     and ``bccd_*``, are registered first if they are not yet)."""
     from detectron2.data import DatasetCatalog
 
-    if dataset_name in EMBEDDED_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
-        register_embedded_dataset(embedded_root)
+    if dataset_name in TOY_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
+        register_toy_dataset(toy_root)
     if dataset_name in BCCD_DATASET_NAMES and dataset_name not in DatasetCatalog.list():
         register_bccd()
     if dataset_name not in DatasetCatalog.list():
@@ -28,10 +28,10 @@ def registered_dataset_dicts(dataset_name: str, *, embedded_root: str | None = N
     return DatasetCatalog.get(dataset_name)
 
 
-def dataset_images(dataset_name: str, *, embedded_root: str | None = None):
+def dataset_images(dataset_name: str, *, toy_root: str | None = None):
     """(image id, file name) pairs of a registered Detectron2 dataset, in its order.
 
-    The embedded dataset's names (``ohem_toy_*``) are registered first if needed.
+    The toy dataset's names (``ohem_toy_*``) are registered first if needed.
     """
-    records = registered_dataset_dicts(dataset_name, embedded_root=embedded_root)
+    records = registered_dataset_dicts(dataset_name, toy_root=toy_root)
     return [(str(r["image_id"]), r["file_name"]) for r in records]

@@ -25,7 +25,7 @@ RECOMMENDED_OHEM_OPTS = (
     "False",
 )
 RECOMMENDED_DIR = "ohem_recommended"
-DATASETS = {"bccd": "BCCD blood cells", "toy": "embedded synthetic shapes"}
+DATASETS = {"bccd": "BCCD blood cells", "toy": "toy synthetic shapes"}
 # Each run saves its detections on this many test images, for detections.png.
 DRAW_IMAGES = 3
 # The all-RoI loss (Fig. 3) is measured on this many fixed training images, about 15 times
@@ -67,7 +67,7 @@ def _proposal_files(dataset, splits=("trainval", "test")):
     if dataset == "bccd":
         from ..data.bccd import bccd_proposal_file as proposal_file
     else:
-        from ..data.embedded import embedded_proposal_file as proposal_file
+        from ..data.toy import toy_proposal_file as proposal_file
     return (proposal_file(None, splits[0]),), (proposal_file(None, splits[1]),)
 
 
@@ -161,9 +161,9 @@ def probe_inputs(cfg, count):
 def prepare_dataset(dataset, cfg):
     """Make sure the dataset and its proposal files are there (computing what is missing)."""
     if dataset == "toy":
-        from ..engine import prepare_embedded_dataset
+        from ..engine import prepare_toy_dataset
 
-        prepare_embedded_dataset(cfg)
+        prepare_toy_dataset(cfg)
         return
     from ..data.bccd import default_bccd_root
     from ..proposals.bccd import compute_bccd_proposals

@@ -1,4 +1,4 @@
-from .datasets import prepare_embedded_dataset, register_project_datasets
+from .datasets import prepare_toy_dataset, register_project_datasets
 from .evaluation import RenamedEvaluator, build_detection_evaluator
 from .trainer import Trainer, ddp_device_ids
 
@@ -7,6 +7,6 @@ __all__ = [
     "Trainer",
     "build_detection_evaluator",
     "ddp_device_ids",
-    "prepare_embedded_dataset",
+    "prepare_toy_dataset",
     "register_project_datasets",
 ]

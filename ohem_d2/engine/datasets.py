@@ -8,19 +8,19 @@ from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
 from ..data.bccd import register_bccd
-from ..data.embedded import (
-    EMBEDDED_DATASET_NAMES,
-    default_embedded_root,
-    embedded_proposal_file,
-    register_embedded_dataset,
+from ..data.toy import (
+    TOY_DATASET_NAMES,
+    default_toy_root,
+    register_toy_dataset,
+    toy_proposal_file,
 )
-from ..proposals.embedded import generate_embedded_dataset
+from ..proposals.toy import generate_toy_dataset
 
 
 def register_project_datasets():
-    """Register the project's datasets, the embedded ``ohem_toy_*`` and the shipped ``bccd_*``
+    """Register the project's datasets, the toy ``ohem_toy_*`` and the shipped ``bccd_*``
     (Detectron2 registers VOC and COCO itself)."""
-    register_embedded_dataset()
+    register_toy_dataset()
     register_bccd()
 
 
@@ -90,13 +90,13 @@ def _check_exists(path, what, name):
         raise DatasetRegistrationError(f"dataset {name!r}: {what} {path} does not exist")
 
 
-def prepare_embedded_dataset(cfg):
-    """Generate the embedded dataset and its proposals if `cfg` uses it and none is there.
+def prepare_toy_dataset(cfg):
+    """Generate the toy dataset and its proposals if `cfg` uses it and none is there.
 
     An existing one is kept as it is, whatever parameters made it (tests make small ones).
     """
-    if not set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST) & set(EMBEDDED_DATASET_NAMES):
+    if not set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST) & set(TOY_DATASET_NAMES):
         return
-    root = default_embedded_root()
-    if not all(os.path.exists(embedded_proposal_file(root, s)) for s in ("trainval", "test")):
-        generate_embedded_dataset(root)
+    root = default_toy_root()
+    if not all(os.path.exists(toy_proposal_file(root, s)) for s in ("trainval", "test")):
+        generate_toy_dataset(root)

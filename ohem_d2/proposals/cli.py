@@ -11,11 +11,11 @@ __all__ = ["add_output_arguments", "parse_command"]
 
 
 def add_output_arguments(parser) -> None:
-    """``--embedded-root`` (where the named ``ohem_toy_*`` dataset is) and ``--overwrite``."""
+    """``--toy-root`` (where the named ``ohem_toy_*`` dataset is) and ``--overwrite``."""
     parser.add_argument(
-        "--embedded-root",
+        "--toy-root",
         default=None,
-        help="root of the embedded ohem_toy dataset (default $DETECTRON2_DATASETS/ohem_toy)",
+        help="root of the toy dataset ohem_toy (default $DETECTRON2_DATASETS/ohem_toy)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

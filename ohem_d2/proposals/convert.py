@@ -443,7 +443,7 @@ def main(argv=None) -> int:
         )
         return 2
     try:
-        dicts = registered_dataset_dicts(args.dataset, embedded_root=args.embedded_root)
+        dicts = registered_dataset_dicts(args.dataset, toy_root=args.toy_root)
         if args.source == "fast-rcnn-mat":
             stats = convert_fast_rcnn_mat(
                 args.input, dicts, args.out, clip_far_outside=args.clip_far_outside

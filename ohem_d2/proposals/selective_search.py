@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = parse_command(_parser(), argv)
     if args is None:
         return 1
-    images = dataset_images(args.dataset, embedded_root=args.embedded_root)
+    images = dataset_images(args.dataset, toy_root=args.toy_root)
     try:
         run = compute_proposal_file(
             images,

@@ -1,10 +1,10 @@
-"""The embedded dataset ``ohem_toy`` generated with its selective-search proposals, once.
+"""The toy dataset ``ohem_toy`` generated with its selective-search proposals, once.
 
 A stamp file records the generator version and every parameter: the data are made again
 only when it is missing or differs, and an interrupted proposal run resumes. The dataset
-itself (names, layout, registration) is :mod:`ohem_d2.data.embedded`.
+itself (names, layout, registration) is :mod:`ohem_d2.data.toy`.
 
-Usage: ``python -m ohem_d2.proposals.embedded --root datasets/ohem_toy``.
+Usage: ``python -m ohem_d2.proposals.toy --root datasets/ohem_toy``.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import sys
 import time
 from dataclasses import asdict
 
-from ..data.embedded import (
-    EmbeddedDatasetSpec,
-    default_embedded_root,
-    embedded_image_ids,
-    embedded_proposal_file,
+from ..data.toy import (
+    ToyDatasetSpec,
+    default_toy_root,
+    toy_image_ids,
+    toy_proposal_file,
 )
-from ..data.embedded_voc import write_voc_images
+from ..data.toy_voc import write_voc_images
 from ..fileio import write_atomic
 from .compute import compute_proposal_file
 
-__all__ = ["GENERATOR_VERSION", "generate_embedded_dataset", "main"]
+__all__ = ["GENERATOR_VERSION", "generate_toy_dataset", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ def _clear_generated(root: str) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def generate_embedded_dataset(
+def generate_toy_dataset(
     root: str | None = None,
     *,
     seed: int = 0,
-    num_trainval: int = EmbeddedDatasetSpec.num_trainval,
-    num_test: int = EmbeddedDatasetSpec.num_test,
+    num_trainval: int = ToyDatasetSpec.num_trainval,
+    num_test: int = ToyDatasetSpec.num_test,
     proposals: bool = True,
     workers: int | None = None,
     progress: bool = True,
@@ -93,10 +93,10 @@ def generate_embedded_dataset(
     resumes. Equal parameters give byte-identical files.
 
     Args:
-        root: target directory (default :func:`.default_embedded_root`). It must be empty,
+        root: target directory (default :func:`.default_toy_root`). It must be empty,
             missing, or made by this function.
         seed, num_trainval, num_test, **spec_overrides: fields of
-            :class:`.EmbeddedDatasetSpec`; each split needs at least 2 images (Detectron2's
+            :class:`.ToyDatasetSpec`; each split needs at least 2 images (Detectron2's
             VOC loader fails on a one-line image set).
         proposals: also compute the proposal files.
         workers: processes for selective search (default: all cores).
@@ -105,16 +105,14 @@ def generate_embedded_dataset(
     Returns:
         ``root``.
     """
-    root = default_embedded_root() if root is None else os.fspath(root)
-    spec = EmbeddedDatasetSpec(
-        seed=seed, num_trainval=num_trainval, num_test=num_test, **spec_overrides
-    )
+    root = default_toy_root() if root is None else os.fspath(root)
+    spec = ToyDatasetSpec(seed=seed, num_trainval=num_trainval, num_test=num_test, **spec_overrides)
     if spec.num_trainval < 2 or spec.num_test < 2:
-        raise ValueError("each split of the embedded dataset needs at least 2 images")
+        raise ValueError("each split of the toy dataset needs at least 2 images")
     params = {"generator_version": GENERATOR_VERSION, **asdict(spec)}
     stamp = dict(params, proposals=proposals)
     if _read_json(os.path.join(root, _STAMP)) == stamp:
-        logger.info("Embedded dataset in %s is up to date.", root)
+        logger.info("Toy dataset in %s is up to date.", root)
         return root
 
     start = time.perf_counter()
@@ -137,9 +135,9 @@ def generate_embedded_dataset(
     elif os.path.exists(os.path.join(root, _STAMP)):
         os.remove(os.path.join(root, _STAMP))
     if proposals:
-        for split, ids in embedded_image_ids(spec).items():
+        for split, ids in toy_image_ids(spec).items():
             images = [(i, os.path.join(root, "JPEGImages", f"{i}.jpg")) for i in ids]
-            out = embedded_proposal_file(root, split)
+            out = toy_proposal_file(root, split)
             if os.path.exists(out):
                 os.remove(out)
             run = compute_proposal_file(
@@ -154,26 +152,26 @@ def generate_embedded_dataset(
             if not run.complete or run.skipped:
                 raise RuntimeError(f"Selective search failed on {run.skipped} in {root!r}")
     _write_json(os.path.join(root, _STAMP), stamp)
-    logger.info("Embedded dataset ready in %s (%.1f s).", root, time.perf_counter() - start)
+    logger.info("Toy dataset ready in %s (%.1f s).", root, time.perf_counter() - start)
     return root
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ohem_d2.proposals.embedded",
-        description="Generate the embedded ohem_toy dataset (VOC layout) and its "
+        prog="python -m ohem_d2.proposals.toy",
+        description="Generate the toy dataset ohem_toy (VOC layout) and its "
         "selective-search proposals. Does nothing if it is already up to date.",
     )
     parser.add_argument("--root", default=None, help="default: $DETECTRON2_DATASETS/ohem_toy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-trainval", type=int, default=EmbeddedDatasetSpec.num_trainval)
-    parser.add_argument("--num-test", type=int, default=EmbeddedDatasetSpec.num_test)
+    parser.add_argument("--num-trainval", type=int, default=ToyDatasetSpec.num_trainval)
+    parser.add_argument("--num-test", type=int, default=ToyDatasetSpec.num_test)
     parser.add_argument("--workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    root = generate_embedded_dataset(
+    root = generate_toy_dataset(
         args.root,
         seed=args.seed,
         num_trainval=args.num_trainval,

@@ -1,4 +1,4 @@
-"""The embedded ohem_toy dataset: deterministic, idempotent, and readable by Detectron2."""
+"""The toy dataset ohem_toy: deterministic, idempotent, and readable by Detectron2."""
 
 import os
 import xml.etree.ElementTree as ET
@@ -8,14 +8,14 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from ohem_d2.data.embedded import (
-    EMBEDDED_CLASS_NAMES,
-    EMBEDDED_DATASET_NAMES,
-    embedded_proposal_file,
-    register_embedded_dataset,
-)
 from ohem_d2.data.proposal_io import load_proposals_into_dataset_dicts
-from ohem_d2.proposals.embedded import generate_embedded_dataset
+from ohem_d2.data.toy import (
+    TOY_CLASS_NAMES,
+    TOY_DATASET_NAMES,
+    register_toy_dataset,
+    toy_proposal_file,
+)
+from ohem_d2.proposals.toy import generate_toy_dataset
 
 # Image indices 3 and 9 are the "small objects" and "low contrast" hard cases.
 TINY = {"num_trainval": 10, "num_test": 3, "seed": 5}
@@ -33,14 +33,14 @@ def _files(root):
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("embedded") / "ohem_toy")
-    return generate_embedded_dataset(root, workers=2, progress=False, **TINY)
+    root = str(tmp_path_factory.mktemp("toy") / "ohem_toy")
+    return generate_toy_dataset(root, workers=2, progress=False, **TINY)
 
 
 @pytest.fixture
 def registered(toy_root):
-    """Register the embedded names for ``toy_root``, and unregister them afterwards."""
-    names = register_embedded_dataset(toy_root)
+    """Register the toy dataset's names for ``toy_root``, and unregister them afterwards."""
+    names = register_toy_dataset(toy_root)
     yield names
     for name in names:
         DatasetCatalog.remove(name)
@@ -51,33 +51,31 @@ def test_same_seed_same_bytes_and_generation_is_idempotent(toy_root, tmp_path):
     files = _files(toy_root)
     assert sum(name.startswith("JPEGImages") for name in files) == 13
     for split in ("trainval", "test"):
-        assert os.path.relpath(embedded_proposal_file(toy_root, split), toy_root) in files
+        assert os.path.relpath(toy_proposal_file(toy_root, split), toy_root) in files
 
-    other = generate_embedded_dataset(str(tmp_path / "again"), workers=1, progress=False, **TINY)
+    other = generate_toy_dataset(str(tmp_path / "again"), workers=1, progress=False, **TINY)
     assert _files(other) == files
 
     mtimes = {name: os.stat(os.path.join(toy_root, name)).st_mtime_ns for name in files}
-    generate_embedded_dataset(toy_root, workers=1, progress=False, **TINY)
+    generate_toy_dataset(toy_root, workers=1, progress=False, **TINY)
     assert {n: os.stat(os.path.join(toy_root, n)).st_mtime_ns for n in files} == mtimes
 
 
 def test_other_parameters_regenerate(tmp_path):
     root = str(tmp_path / "toy")
-    generate_embedded_dataset(root, num_trainval=2, num_test=2, proposals=False, progress=False)
+    generate_toy_dataset(root, num_trainval=2, num_test=2, proposals=False, progress=False)
     first = _files(root)
-    generate_embedded_dataset(
-        root, num_trainval=2, num_test=2, seed=1, proposals=False, progress=False
-    )
+    generate_toy_dataset(root, num_trainval=2, num_test=2, seed=1, proposals=False, progress=False)
     second = _files(root)
     assert first.keys() == second.keys()
     assert first["JPEGImages/000001.jpg"] != second["JPEGImages/000001.jpg"]
 
 
 def test_loads_through_detectron2_with_classes_and_boxes_inside_images(toy_root, registered):
-    assert set(registered) == set(EMBEDDED_DATASET_NAMES)
-    for name, split in EMBEDDED_DATASET_NAMES.items():
+    assert set(registered) == set(TOY_DATASET_NAMES)
+    for name, split in TOY_DATASET_NAMES.items():
         metadata = MetadataCatalog.get(name)
-        assert metadata.thing_classes == list(EMBEDDED_CLASS_NAMES)
+        assert metadata.thing_classes == list(TOY_CLASS_NAMES)
         assert metadata.year == 2007 and metadata.split == split
         dicts = DatasetCatalog.get(name)
         assert len(dicts) == TINY["num_" + split]
@@ -90,15 +88,15 @@ def test_loads_through_detectron2_with_classes_and_boxes_inside_images(toy_root,
             for annotation in record["annotations"]:
                 x1, y1, x2, y2 = annotation["bbox"]
                 assert 0 <= x1 < x2 <= record["width"] and 0 <= y1 < y2 <= record["height"]
-                assert 0 <= annotation["category_id"] < len(EMBEDDED_CLASS_NAMES)
+                assert 0 <= annotation["category_id"] < len(TOY_CLASS_NAMES)
         with_proposals = load_proposals_into_dataset_dicts(
-            dicts, embedded_proposal_file(toy_root, split)
+            dicts, toy_proposal_file(toy_root, split)
         )
         assert all(len(r["proposal_boxes"]) >= 10 for r in with_proposals)
     # Every class occurs; the small-object hard case (image index 3) has small boxes.
     trainval = DatasetCatalog.get("ohem_toy_trainval")
     classes = {a["category_id"] for r in trainval for a in r["annotations"]}
-    assert classes == set(range(len(EMBEDDED_CLASS_NAMES)))
+    assert classes == set(range(len(TOY_CLASS_NAMES)))
     small = trainval[3]["annotations"]
     assert max(min(a["bbox"][2] - a["bbox"][0], a["bbox"][3] - a["bbox"][1]) for a in small) < 24
 
@@ -108,7 +106,7 @@ def test_voc_files_are_well_formed(toy_root):
     image = np.asarray(Image.open(os.path.join(toy_root, "JPEGImages", "000001.jpg")))
     assert int(tree.find("size/width").text) == image.shape[1]
     for obj in tree.findall("object"):
-        assert obj.find("name").text in EMBEDDED_CLASS_NAMES
+        assert obj.find("name").text in TOY_CLASS_NAMES
         assert obj.find("difficult").text in ("0", "1")
         box = obj.find("bndbox")
         x1, y1, x2, y2 = (int(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
@@ -130,9 +128,9 @@ def test_boxes_match_the_pixels_selective_search_sees(toy_root, registered):
     """Independent check of the annotations: selective search, which sees only the pixels,
     finds most annotated objects (IoU >= 0.5), as it does on real images."""
     best = []
-    for name, split in EMBEDDED_DATASET_NAMES.items():
+    for name, split in TOY_DATASET_NAMES.items():
         dicts = load_proposals_into_dataset_dicts(
-            DatasetCatalog.get(name), embedded_proposal_file(toy_root, split)
+            DatasetCatalog.get(name), toy_proposal_file(toy_root, split)
         )
         for record in dicts:
             gt = np.array([a["bbox"] for a in record["annotations"]], dtype=np.float64)
@@ -141,17 +139,17 @@ def test_boxes_match_the_pixels_selective_search_sees(toy_root, registered):
 
 
 def test_registration_conflict_and_foreign_directory_are_refused(toy_root, registered, tmp_path):
-    assert register_embedded_dataset(toy_root) == registered  # idempotent
+    assert register_toy_dataset(toy_root) == registered  # idempotent
     with pytest.raises(ValueError, match="already registered with dirname"):
-        register_embedded_dataset(str(tmp_path / "elsewhere"))
+        register_toy_dataset(str(tmp_path / "elsewhere"))
     foreign = tmp_path / "VOC2007"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("user data")
     with pytest.raises(RuntimeError, match="not made by the ohem_toy generator"):
-        generate_embedded_dataset(str(foreign), num_trainval=2, num_test=2, progress=False)
+        generate_toy_dataset(str(foreign), num_trainval=2, num_test=2, progress=False)
     assert (foreign / "precious.txt").read_text() == "user data"
 
 
 def test_one_image_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 2 images"):
-        generate_embedded_dataset(str(tmp_path / "t"), num_trainval=1, num_test=2)
+        generate_toy_dataset(str(tmp_path / "t"), num_trainval=1, num_test=2)

@@ -1,4 +1,4 @@
-"""The embedded default dataset ``ohem_toy``: small synthetic shape images in PASCAL VOC layout.
+"""The toy dataset ``ohem_toy``: small synthetic shape images in PASCAL VOC layout.
 
 Generated locally and deterministically (same seed, same bytes), so that the demo and the
 tests need no download. Four classes of filled shapes (circle, square, triangle, star) in
@@ -15,10 +15,10 @@ Layout under ``root`` (``$DETECTRON2_DATASETS/ohem_toy`` by default)::
     JPEGImages/<id>.jpg   Annotations/<id>.xml   ImageSets/Main/{trainval,test}.txt
     proposals/ss_ohem_toy_{trainval,test}.npz  (selective search, fast mode, min side 8 px)
 
-This module names and registers it; :mod:`.embedded_render` draws the images,
-:mod:`.embedded_voc` writes the files, and
-:func:`ohem_d2.proposals.embedded.generate_embedded_dataset` makes all of it, proposals
-included (``python -m ohem_d2.proposals.embedded --root datasets/ohem_toy``).
+This module names and registers it; :mod:`.toy_render` draws the images,
+:mod:`.toy_voc` writes the files, and
+:func:`ohem_d2.proposals.toy.generate_toy_dataset` makes all of it, proposals
+included (``python -m ohem_d2.proposals.toy --root datasets/ohem_toy``).
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from dataclasses import dataclass
 from .registration import is_registered_for
 
 __all__ = [
-    "EMBEDDED_CLASS_NAMES",
-    "EMBEDDED_DATASET_NAMES",
-    "EmbeddedDatasetSpec",
-    "default_embedded_root",
-    "embedded_image_ids",
-    "embedded_proposal_file",
-    "register_embedded_dataset",
+    "TOY_CLASS_NAMES",
+    "TOY_DATASET_NAMES",
+    "ToyDatasetSpec",
+    "default_toy_root",
+    "toy_image_ids",
+    "toy_proposal_file",
+    "register_toy_dataset",
 ]
 
-EMBEDDED_CLASS_NAMES = ("circle", "square", "triangle", "star")
-EMBEDDED_DATASET_NAMES = {"ohem_toy_trainval": "trainval", "ohem_toy_test": "test"}
+TOY_CLASS_NAMES = ("circle", "square", "triangle", "star")
+TOY_DATASET_NAMES = {"ohem_toy_trainval": "trainval", "ohem_toy_test": "test"}
 
 
 @dataclass(frozen=True)
-class EmbeddedDatasetSpec:
+class ToyDatasetSpec:
     """Parameters of the generated dataset (all of them go into the stamp file)."""
 
     seed: int = 0
@@ -59,30 +59,30 @@ class EmbeddedDatasetSpec:
     jpeg_quality: int = 90
 
 
-def embedded_image_ids(spec: EmbeddedDatasetSpec) -> dict[str, list[str]]:
+def toy_image_ids(spec: ToyDatasetSpec) -> dict[str, list[str]]:
     """The image ids of each split ("trainval", then "test"), numbered from 000001."""
     ids = [f"{i:06d}" for i in range(1, spec.num_trainval + spec.num_test + 1)]
     return {"trainval": ids[: spec.num_trainval], "test": ids[spec.num_trainval :]}
 
 
-def default_embedded_root() -> str:
+def default_toy_root() -> str:
     """``$DETECTRON2_DATASETS/ohem_toy`` (``datasets/ohem_toy`` if the variable is unset)."""
     return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_toy")
 
 
-def embedded_proposal_file(root: str | None, split: str) -> str:
+def toy_proposal_file(root: str | None, split: str) -> str:
     """Path of the selective-search ``.npz`` of a split ("trainval" or "test")."""
-    if split not in EMBEDDED_DATASET_NAMES.values():
+    if split not in TOY_DATASET_NAMES.values():
         raise ValueError(f"split must be 'trainval' or 'test', got {split!r}")
-    root = default_embedded_root() if root is None else root
+    root = default_toy_root() if root is None else root
     return os.path.join(root, "proposals", f"ss_ohem_toy_{split}.npz")
 
 
-def register_embedded_dataset(root: str | None = None) -> tuple[str, ...]:
+def register_toy_dataset(root: str | None = None) -> tuple[str, ...]:
     """Register ``ohem_toy_trainval`` and ``ohem_toy_test`` (VOC format, year 2007).
 
     Idempotent for the same root. Registers only; call
-    :func:`ohem_d2.proposals.embedded.generate_embedded_dataset` to create the files.
+    :func:`ohem_d2.proposals.toy.generate_toy_dataset` to create the files.
 
     Raises:
         ValueError: a name is already registered for another directory (Detectron2's
@@ -90,9 +90,9 @@ def register_embedded_dataset(root: str | None = None) -> tuple[str, ...]:
     """
     from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
-    dirname = os.path.abspath(default_embedded_root() if root is None else root)
-    for name, split in EMBEDDED_DATASET_NAMES.items():
+    dirname = os.path.abspath(default_toy_root() if root is None else root)
+    for name, split in TOY_DATASET_NAMES.items():
         if is_registered_for(name, dirname):
             continue
-        register_pascal_voc(name, dirname, split, 2007, class_names=list(EMBEDDED_CLASS_NAMES))
-    return tuple(EMBEDDED_DATASET_NAMES)
+        register_pascal_voc(name, dirname, split, 2007, class_names=list(TOY_CLASS_NAMES))
+    return tuple(TOY_DATASET_NAMES)

@@ -1,4 +1,4 @@
-"""Writing the embedded dataset's images and annotations in PASCAL VOC layout."""
+"""Writing the toy dataset's images and annotations in PASCAL VOC layout."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 from PIL import Image
 
-from .embedded import EmbeddedDatasetSpec, embedded_image_ids
-from .embedded_render import render_image
+from .toy import ToyDatasetSpec, toy_image_ids
+from .toy_render import render_image
 
 __all__ = ["write_voc_images"]
 
@@ -36,13 +36,13 @@ def _annotation_xml(image_id, width, height, objects) -> bytes:
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
-def write_voc_images(root: str, spec: EmbeddedDatasetSpec) -> dict:
+def write_voc_images(root: str, spec: ToyDatasetSpec) -> dict:
     """Draw every image of ``spec`` and write it under ``root`` in VOC layout (JPEG image,
     XML annotation, image set files). Returns counts of objects and hard cases."""
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     stats = {"objects": 0, "difficult": 0, "truncated": 0, "cases": {}}
-    ids_by_split = embedded_image_ids(spec)
+    ids_by_split = toy_image_ids(spec)
     for index, image_id in enumerate(ids_by_split["trainval"] + ids_by_split["test"]):
         image, objects, case = render_image(spec, index)
         height, width = image.shape[:2]

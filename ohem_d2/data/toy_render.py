@@ -1,4 +1,4 @@
-"""Drawing the images of the embedded dataset: one image and its objects from (seed, index).
+"""Drawing the images of the toy dataset: one image and its objects from (seed, index).
 
 The same (spec, index) always gives the same pixels and boxes, whichever process draws it
 and in whatever order (each image has its own random generator).
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .embedded import EMBEDDED_CLASS_NAMES, EmbeddedDatasetSpec
+from .toy import TOY_CLASS_NAMES, ToyDatasetSpec
 
 __all__ = ["render_image"]
 
@@ -155,7 +155,7 @@ def _clutter_layer(rng, width, height, size_range):
         return _polygon_layer(_blob_polygon(rng, cx, cy, size), width, height)
     if kind == "ellipse":
         return _polygon_layer(_ellipse_polygon(rng, cx, cy, size), width, height)
-    shape = str(rng.choice(EMBEDDED_CLASS_NAMES))
+    shape = str(rng.choice(TOY_CLASS_NAMES))
     if kind == "fragment":
         layer = _polygon_layer(_shape_polygon(rng, shape, cx, cy, size), width, height)
         return None if layer is None else _half_plane_cut(layer, rng, cx, cy, size)
@@ -219,7 +219,7 @@ def _occlude(placed: list[_PlacedObject], layer: _Layer, dry_run=False):
 _HARD_CASES = {3: "small", 9: "low_contrast", 15: "crowded"}
 
 
-def render_image(spec: EmbeddedDatasetSpec, index: int):
+def render_image(spec: ToyDatasetSpec, index: int):
     """Draw image ``index``. Returns (uint8 HxWx3 RGB image, list of object dicts, case)."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, index]))
     width = int(rng.integers(spec.min_side, spec.max_side + 1))
@@ -241,7 +241,7 @@ def render_image(spec: EmbeddedDatasetSpec, index: int):
     placed: list[_PlacedObject] = []
     for _ in range(num_objects):
         for _attempt in range(20):
-            name = str(rng.choice(EMBEDDED_CLASS_NAMES))
+            name = str(rng.choice(TOY_CLASS_NAMES))
             size = float(np.exp(rng.uniform(*np.log(size_range))))
             cx = rng.uniform(-0.15 * size, width + 0.15 * size)
             cy = rng.uniform(-0.15 * size, height + 0.15 * size)
