@@ -1,6 +1,5 @@
 """The score-floor study's rule and its platelet-rank count, on hand-built cases."""
 
-
 import torch
 
 from studies.score_floor import FLOOR_CANDIDATES, above_lowest_true, decide, decide_floor
