@@ -22,31 +22,42 @@ import statistics
 import sys
 
 PLATELETS = "Platelets"
-# (column, value of a summary, digits)
-COLUMNS = [
-    ("mAP50 all-pt", lambda s: s["voc_AP50_allpoint"], 1),
-    ("mAP50 11-pt", lambda s: s["voc_AP50_11point"], 1),
-    ("RBC", lambda s: s["per_class_AP50_allpoint"]["RBC"], 1),
-    ("WBC", lambda s: s["per_class_AP50_allpoint"]["WBC"], 1),
-    (PLATELETS, lambda s: s["per_class_AP50_allpoint"][PLATELETS], 1),
-    ("COCO AP", lambda s: s["coco_AP"], 1),
-    ("COCO AP50", lambda s: s["coco_AP50"], 1),
-    ("COCO AP75", lambda s: s["coco_AP75"], 1),
-    ("all-RoI loss", lambda s: s["final_roi_loss"]["mean_roi_loss"], 3),
-    ("fg part", lambda s: s["final_roi_loss"]["fg_part"], 3),
-    ("bg part", lambda s: s["final_roi_loss"]["bg_part"], 3),
-    ("s/iter", lambda s: s["s_per_iter"], 3),
-]
+
+
+def _class_ap(name):
+    return lambda s: s["per_class_AP50_allpoint"][name]
+
+
+# column: (its value in a summary, digits)
+COLUMN = {
+    "mAP50 all-pt": (lambda s: s["voc_AP50_allpoint"], 1),
+    "mAP50 11-pt": (lambda s: s["voc_AP50_11point"], 1),
+    "RBC": (_class_ap("RBC"), 1),
+    "WBC": (_class_ap("WBC"), 1),
+    PLATELETS: (_class_ap(PLATELETS), 1),
+    "COCO AP": (lambda s: s["coco_AP"], 1),
+    "COCO AP50": (lambda s: s["coco_AP50"], 1),
+    "COCO AP75": (lambda s: s["coco_AP75"], 1),
+    "all-RoI loss": (lambda s: s["final_roi_loss"]["mean_roi_loss"], 3),
+    "fg part": (lambda s: s["final_roi_loss"]["fg_part"], 3),
+    "bg part": (lambda s: s["final_roi_loss"]["bg_part"], 3),
+    "s/iter": (lambda s: s["s_per_iter"], 3),
+    "dets/image": (lambda s: s["mean_detections_per_image"], 1),
+    "cap's bar": (lambda s: s["median_lowest_kept_score"], 3),
+}
+
+
+def _columns(*names):
+    """[(column, value of a summary, digits)]"""
+    return [(n, *COLUMN[n]) for n in names]
+
+
+# The runs' table: every column but the seeds table's last two.
+COLUMNS = _columns(*[n for n in COLUMN if n not in ("dets/image", "cap's bar")])
 # The seeds table: what separates the methods on dense images (studies/bccd_score_floor.md).
-SEED_COLUMNS = [
-    ("mAP50 all-pt", lambda s: s["voc_AP50_allpoint"], 1),
-    ("COCO AP", lambda s: s["coco_AP"], 1),
-    ("RBC", lambda s: s["per_class_AP50_allpoint"]["RBC"], 1),
-    ("WBC", lambda s: s["per_class_AP50_allpoint"]["WBC"], 1),
-    (PLATELETS, lambda s: s["per_class_AP50_allpoint"][PLATELETS], 1),
-    ("dets/image", lambda s: s["mean_detections_per_image"], 1),
-    ("cap's bar", lambda s: s["median_lowest_kept_score"], 3),
-]
+SEED_COLUMNS = _columns(
+    "mAP50 all-pt", "COCO AP", "RBC", "WBC", PLATELETS, "dets/image", "cap's bar"
+)
 METHODS = ("frcn", "ohem")
 # COLUMNS read from a flat {column: value} (differences of two runs are computed on these).
 NUMBER_COLUMNS = [(n, operator.itemgetter(n), d) for n, _, d in COLUMNS]

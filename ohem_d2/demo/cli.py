@@ -91,14 +91,11 @@ def main(argv=None):
     args.device = args.device or default_device()
     if args.iters is None:
         args.iters = default_iters(args.dataset)
+    # One run's settings: the method's own process (--run), or preparing the data (FRCN's config).
+    run = (args.dataset, args.run or "frcn", args.output_dir, args.iters, args.seed, args.device)
     if args.run:
         run_one(
-            args.dataset,
-            args.run,
-            args.output_dir,
-            args.iters,
-            args.seed,
-            args.device,
+            *run,
             args.ohem_opts,
             opts=args.opts,
             holdout=args.holdout,
@@ -107,16 +104,7 @@ def main(argv=None):
         return 0
 
     start = time.time()
-    cfg = build_demo_cfg(
-        args.dataset,
-        "frcn",
-        args.output_dir,
-        args.iters,
-        args.seed,
-        args.device,
-        opts=args.opts,
-        holdout=args.holdout,
-    )
+    cfg = build_demo_cfg(*run, opts=args.opts, holdout=args.holdout)
     prepare_dataset(args.dataset, cfg)
     # Each method trains in its own process, so that peak memory is its own.
     command = [sys.executable, "-m", "ohem_d2.demo"]
