@@ -7,15 +7,16 @@ recorded and the next still runs); its output goes to the terminal and to
 ``<output-dir>/<step>.log``:
 
 1. ``tests``: the default test suite (``python -m pytest -q -rfE tests``; the slow tests
-   stay excluded) on the CUDA machine. The suite has no device switch: its models are
-   built with ``MODEL.DEVICE cpu`` (tests/helpers.py and the tests' own overrides) and no
-   test checks ``torch.cuda.is_available()``, so no test runs a model on the GPU; what
-   differs here is the code that looks at the CUDA devices present (``check_devices``,
-   Detectron2's launcher choosing NCCL). The tests that start several CPU processes (gloo)
-   or expect a refusal for want of a GPU assume a machine without CUDA: where CUDA is
-   present ``check_devices`` refuses several CPU processes (NCCL cannot reduce CPU
-   tensors), so expect those to fail. Figures: pytest's counts and the ids of the failed
-   tests. The model's CUDA paths are the next three steps.
+   stay excluded) with ``OHEM_D2_TEST_DEVICE=cuda`` (tests/helpers.py), which puts the
+   tests' models on the GPU: the OHEM heads, mining and scoring; the detectors the tests
+   build (multi-scale testing, box regression with voting, deployment by scripting, tracing
+   and ONNX, in-process training, the drop-in model-zoo runs of train_net.py) and the demo's
+   training hooks. What is about the CPU stays there by design: train_net.py with several
+   CPU processes (gloo) and the refusals for want of a GPU, both with the GPUs hidden from
+   the subprocess (``CUDA_VISIBLE_DEVICES=``, as ``check_devices`` asks), the allocator, the
+   demo's CPU defaults, the threaded CPU RoI pooling, and the runs on the toy configs' own
+   ``MODEL.DEVICE cpu`` (checkpoints, resume, bad inputs, train_net.py end to end).
+   Figures: pytest's counts and the ids of the failed tests.
 2. ``train_step``: the VGG16 600-px training-step benchmark, FRCN vs OHEM
    (``python -m benchmarks.bench_train_step``, benchmarks/README.md's VGG16 command) with
    ``--device cuda``; its JSON line is saved as ``<output-dir>/bench_train_step_vgg16.json``.
@@ -32,8 +33,9 @@ recorded and the next still runs); its output goes to the terminal and to
    that finished).
 
 Writes ``<output-dir>/gpu_check.json`` (``--json`` to choose), rewritten after each step:
-{"torch", "cuda", "devices", "steps": {name: {"command", "returncode", "seconds", "log",
-"figures"}}}. ``--dry-run`` records the commands without running them (returncode null).
+{"torch", "cuda", "devices", "steps": {name: {"command", "env", "returncode", "seconds",
+"log", "figures"}}} (``env``: the variables the step sets on top of this process's).
+``--dry-run`` records the commands without running them (returncode null).
 Exits 2 without CUDA (unless --dry-run), 1 if a step failed, else 0.
 """
 
@@ -73,6 +75,10 @@ PAPER_TABLE2_VGG16 = {
 
 # The demo's folders, each with its summary.json (ohem_d2.demo).
 DEMO_FOLDERS = ("frcn", "ohem", "ohem_recommended")
+
+# The variables a step's process gets on top of this one's: the tests' device switch
+# (tests/helpers.py).
+STEP_ENV = {"tests": {"OHEM_D2_TEST_DEVICE": "cuda"}}
 
 DDP_CONFIG = "configs/toy/ohem.yaml"
 DDP_ITERS = 40
@@ -271,14 +277,19 @@ def figures_of(step, output, out):
 # ----------------------------------------------------------------------------------- run
 
 
-def run_step(command, log_path):
-    """Run `command` from the repository, its output both shown and written to `log_path`;
-    returns (returncode, seconds, output)."""
+def run_step(command, log_path, env=None):
+    """Run `command` from the repository with the variables `env` added to this process's,
+    its output both shown and written to `log_path`; returns (returncode, seconds, output)."""
     start = time.perf_counter()
     lines = []
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            cwd=REPO,
+            env=dict(os.environ, **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -315,14 +326,16 @@ def main(argv=None):
     for step in STEPS:
         if step in args.skip:
             continue
-        entry = {"command": cmds[step], "returncode": None, "seconds": None}
+        env = STEP_ENV.get(step, {})
+        entry = {"command": cmds[step], "env": env, "returncode": None, "seconds": None}
         entry["log"] = os.path.join(out, f"{step}.log")
         entry["figures"] = {}
         record["steps"][step] = entry
-        print(f"gpu_check: {step}: {' '.join(cmds[step])}", flush=True)
+        shown = [f"{k}={v}" for k, v in env.items()] + cmds[step]
+        print(f"gpu_check: {step}: {' '.join(shown)}", flush=True)
         if args.dry_run:
             continue
-        entry["returncode"], entry["seconds"], output = run_step(cmds[step], entry["log"])
+        entry["returncode"], entry["seconds"], output = run_step(cmds[step], entry["log"], env)
         try:
             entry["figures"] = figures_of(step, output, out)
         except (OSError, ValueError, KeyError, TypeError) as e:  # a step's files cut short

@@ -1,10 +1,29 @@
-"""Shared fixtures: a small toy dataset generated once per test session."""
+"""Shared fixtures: a small toy dataset generated once per test session; the test device
+(OHEM_D2_TEST_DEVICE, tests/helpers.py) checked before any test runs."""
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from helpers import DEVICE
 
 from ohem_d2.data.toy import TOY_DATASET_NAMES, register_toy_dataset
 from ohem_d2.proposals.toy import generate_toy_dataset
+
+
+def pytest_configure(config):
+    """OHEM_D2_TEST_DEVICE names a device this machine has, or the session stops here."""
+    try:
+        device = torch.device(DEVICE)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"OHEM_D2_TEST_DEVICE={DEVICE!r}: give cpu or cuda (or cuda:N)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise pytest.UsageError(
+            f"OHEM_D2_TEST_DEVICE={DEVICE} but torch sees {count} usable CUDA device(s) on "
+            "this machine; unset it (or set it to cpu) to run the tests on the CPU"
+        )
 
 
 @pytest.fixture(scope="session")

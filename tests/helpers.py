@@ -8,6 +8,15 @@ from ohem_d2.data.toy import toy_proposal_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The device the tests' models run on: OHEM_D2_TEST_DEVICE, default "cpu" ("cuda" on a machine
+# with a GPU, as `python -m benchmarks.gpu_check` runs the suite; conftest.py refuses it
+# without one). Tests whose subject is the CPU stay there: several CPU processes (gloo), the
+# allocator, the demo's defaults, the refusals for want of a GPU.
+DEVICE = os.environ.get("OHEM_D2_TEST_DEVICE", "cpu")
+# Hides the GPUs from a subprocess, as a user starting CPU processes on a machine with CUDA
+# does (train_net.py refuses them otherwise: Detectron2's launcher would pick NCCL).
+NO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
 # Small images and few proposals: about a second per iteration on a busy 2-core machine.
 FAST = [
     "INPUT.MIN_SIZE_TRAIN", "(128,)",
@@ -30,11 +39,24 @@ def toy_overrides(root):
     ]
 
 
-def run_train_net(args, datasets_root, timeout=600):
-    """Run train_net.py in a subprocess with DETECTRON2_DATASETS=datasets_root.
+def on_device(x):
+    """`x` on DEVICE: a tensor, Instances, Boxes, or a list, tuple or dict of them (other
+    values as they are)."""
+    if isinstance(x, dict):
+        return {k: on_device(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(on_device(v) for v in x)
+    return x.to(DEVICE) if hasattr(x, "to") else x
+
+
+def run_train_net(args, datasets_root, timeout=600, no_gpu=False):
+    """Run train_net.py in a subprocess with DETECTRON2_DATASETS=datasets_root; `no_gpu`
+    hides the GPUs from it (NO_GPU_ENV): on a machine without one, that changes nothing.
 
     Returns the CompletedProcess (stdout and stderr merged into stdout)."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore")
+    if no_gpu:
+        env.update(NO_GPU_ENV)
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "train_net.py"), *map(str, args)],
         cwd=REPO,
@@ -47,8 +69,8 @@ def run_train_net(args, datasets_root, timeout=600):
 
 
 def toy_model(config="toy/frcn.yaml", *opts, seed=0):
-    """A model of one of the project's configs with random weights, in eval mode on CPU, and
-    its config (add_ohem_config applied, `opts` merged)."""
+    """A model of one of the project's configs with random weights, in eval mode on DEVICE,
+    and its config (add_ohem_config applied, `opts` merged)."""
     import torch
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -60,7 +82,7 @@ def toy_model(config="toy/frcn.yaml", *opts, seed=0):
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
     merge_config_file(cfg, os.path.join(REPO, "configs", config))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *map(str, opts)])
+    cfg.merge_from_list(["MODEL.DEVICE", DEVICE, "MODEL.WEIGHTS", "", *map(str, opts)])
     torch.manual_seed(seed)
     return build_model(cfg).eval(), cfg
 
@@ -78,7 +100,7 @@ def random_image_and_proposals(height=64, width=96, num_proposals=12, seed=0):
 
 # Detectron2 RPN models, narrow, with random weights (the M / B and deployment tests).
 ZOO_SMALL = [
-    "MODEL.DEVICE", "cpu",
+    "MODEL.DEVICE", DEVICE,
     "MODEL.WEIGHTS", "",
     "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]",
     "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
@@ -103,7 +125,8 @@ B_ON = ["TEST.ITERATIVE_BBOX_REG.ENABLED", "True", "TEST.BOX_VOTING.ENABLED", "T
 
 
 def zoo_model(name, *opts):
-    """A narrow Detectron2 model-zoo model with random weights, in eval mode, and its config."""
+    """A narrow Detectron2 model-zoo model with random weights, in eval mode on DEVICE, and
+    its config."""
     import torch
     from detectron2 import model_zoo
     from detectron2.config import get_cfg

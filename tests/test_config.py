@@ -4,6 +4,7 @@ import pytest
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from helpers import DEVICE
 
 import ohem_d2  # noqa: F401  (registers the components)
 from ohem_d2.config import MissingOHEMConfigError, add_ohem_config
@@ -11,7 +12,7 @@ from ohem_d2.config import MissingOHEMConfigError, add_ohem_config
 
 def _plain_cfg(**model):
     cfg = get_cfg()  # no add_ohem_config: what a user's own script may forget
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = DEVICE
     cfg.MODEL.ROI_HEADS.NAME = model.get("head", "StandardROIHeads")
     cfg.MODEL.BACKBONE.NAME = model.get("backbone", "build_resnet_backbone")
     cfg.MODEL.ROI_BOX_HEAD.NAME = model.get("box_head", "FastRCNNConvFCHead")

@@ -7,7 +7,7 @@ import sys
 
 import cv2
 import pytest
-from helpers import REPO
+from helpers import DEVICE, REPO
 
 from ohem_d2.demo import RECOMMENDED_OHEM_OPTS
 
@@ -161,7 +161,7 @@ def test_hard_example_pictures_leave_the_trained_model_and_its_random_draws_unto
 
     # Only BCCD: the toy set's fixtures register it for their own folders later in the run.
     register_bccd()
-    cfg = build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu")
+    cfg = build_demo_cfg("bccd", "ohem", "unused", 2, 0, DEVICE)
     model = Trainer.build_model(cfg)
     model.train()
     inputs = probe_inputs(cfg, 2)
@@ -199,12 +199,12 @@ def test_roi_loss_probe_sees_the_scores_as_trained_under_prior_correction():
 
     register_bccd()
     opts = ["MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION", "True"]
-    corrected = Trainer.build_model(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu", opts))
-    plain = Trainer.build_model(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu"))
+    corrected = Trainer.build_model(build_demo_cfg("bccd", "ohem", "unused", 2, 0, DEVICE, opts))
+    plain = Trainer.build_model(build_demo_cfg("bccd", "ohem", "unused", 2, 0, DEVICE))
     plain.load_state_dict(corrected.state_dict(), strict=False)
     corrected.roi_heads.ohem_class_counts_all.copy_(torch.tensor([90, 17, 4, 889]))
     corrected.roi_heads.ohem_class_counts_hard.copy_(torch.tensor([44, 7, 4, 45]))
-    inputs = probe_inputs(build_demo_cfg("bccd", "ohem", "unused", 2, 0, "cpu"), 1)
+    inputs = probe_inputs(build_demo_cfg("bccd", "ohem", "unused", 2, 0, DEVICE), 1)
     losses = []
     for model in (corrected, plain):
         probe = RoILossProbe(inputs, 1, "unused")

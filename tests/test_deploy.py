@@ -19,7 +19,7 @@ from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, StandardROIHeads
 from detectron2.structures import Boxes
-from helpers import ZOO_SMALL
+from helpers import DEVICE, ZOO_SMALL
 from torch import Tensor, nn
 
 from ohem_d2.config import add_ohem_config
@@ -102,7 +102,8 @@ def pairs():
 
 @pytest.fixture(scope="module")
 def image():
-    return torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    """The exported models' input, on their device (ZOO_SMALL's MODEL.DEVICE)."""
+    return (torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255).to(DEVICE)
 
 
 def _inference(model, inputs):

@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from helpers import REPO, run_train_net, toy_overrides
+from helpers import NO_GPU_ENV, REPO, run_train_net, toy_overrides
 
 FAST = [
     "INPUT.MIN_SIZE_TRAIN", "(128,)",
@@ -28,6 +28,7 @@ def _start(root, out, *opts):
         *toy_overrides(root), *FAST, "OUTPUT_DIR", out, *opts,
     ]  # fmt: skip
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(root), PYTHONWARNINGS="ignore")
+    env.update(NO_GPU_ENV)  # CPU processes (gloo), also on a machine with CUDA
     log = out / "stdout.log"
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
@@ -124,6 +125,7 @@ def test_port_in_use_is_a_clear_error(small_toy_root, tmp_path):
             ],  # fmt: skip
             os.path.dirname(small_toy_root),
             timeout=EXIT_WITHIN,
+            no_gpu=True,
         )
     assert result.returncode != 0
     assert f"ERROR: --dist-url {url}: port {port} is already in use" in result.stdout

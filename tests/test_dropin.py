@@ -10,16 +10,16 @@ import pytest
 from detectron2 import model_zoo
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
-from helpers import REPO, run_train_net
+from helpers import DEVICE, REPO, run_train_net
 
 from ohem_d2.data.proposal_io import read_proposal_file, save_proposals_npz
 from ohem_d2.data.toy import TOY_CLASS_NAMES, toy_proposal_file
 from ohem_d2.engine.datasets import DatasetRegistrationError, register_user_datasets
 from ohem_d2.engine.distributed import DistributedSetupError, check_devices
 
-# R50-FPN on CPU with random weights: tiny images and few RoIs, two iterations.
+# R50-FPN on the tests' device with random weights: tiny images and few RoIs, two iterations.
 SMALL = [
-    "MODEL.DEVICE", "cpu",
+    "MODEL.DEVICE", DEVICE,
     "MODEL.WEIGHTS", "",
     "MODEL.ROI_HEADS.NUM_CLASSES", len(TOY_CLASS_NAMES),
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
@@ -168,7 +168,7 @@ def _run_lazy_mask_rcnn(toy_coco, tmp_path, overrides):
 
 def test_lazy_config_mask_rcnn_with_ohem_head(toy_coco, tmp_path):
     overrides = [
-        "train.device=cpu",
+        f"train.device={DEVICE}",
         "train.max_iter=2",
         "train.eval_period=0",
         f"train.output_dir={tmp_path}",
@@ -237,7 +237,8 @@ def test_train_net_bad_dataset_argument_fails_before_launch(tmp_path):
 
 def test_cuda_config_without_gpu_is_refused_before_launch(tmp_path):
     args = ["--config-file", "configs/toy/frcn.yaml", "--num-gpus", "2", "MODEL.DEVICE", "cuda"]
-    result = run_train_net(args, str(tmp_path))
+    # no_gpu: a machine without a GPU, also where the tests run on one.
+    result = run_train_net(args, str(tmp_path), no_gpu=True)
     assert result.returncode != 0
     assert "has no usable CUDA GPU" in result.stdout
     assert "`MODEL.DEVICE cpu`" in result.stdout
@@ -247,7 +248,7 @@ def test_cuda_config_without_gpu_is_refused_before_launch(tmp_path):
 def test_lazy_config_without_gpu_names_train_device(tmp_path):
     # Detectron2's common/train.py says device="cuda".
     config = os.path.join(REPO, "configs", "lazy", "mask_rcnn_fpn_ohem.py")
-    result = run_train_net(["--config-file", config], str(tmp_path))
+    result = run_train_net(["--config-file", config], str(tmp_path), no_gpu=True)
     assert result.returncode != 0
     assert "`train.device=cpu`" in result.stdout
     assert "Traceback" not in result.stdout
@@ -436,7 +437,7 @@ def test_fine_tuning_from_another_label_set(toy_coco, tmp_path, coco80_checkpoin
 
 def test_lazy_config_fine_tuning_from_another_label_set(toy_coco, tmp_path, coco80_checkpoint):
     overrides = [
-        "train.device=cpu",
+        f"train.device={DEVICE}",
         "train.max_iter=1",
         "train.eval_period=0",
         f"train.output_dir={tmp_path}",

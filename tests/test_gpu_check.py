@@ -62,9 +62,14 @@ def test_dry_run_records_the_four_commands(tmp_path):
         assert step["returncode"] is None and step["seconds"] is None, name
         assert step["command"][0] == sys.executable, name
         assert step["figures"] == {}, name
+        if name != "tests":
+            assert step["env"] == {}, name
 
     tests = steps["tests"]["command"]
     assert tests[1:3] == ["-m", "pytest"] and tests[-1] == "tests"
+    # The tests' models on the GPU (tests/helpers.py: DEVICE).
+    assert steps["tests"]["env"] == {"OHEM_D2_TEST_DEVICE": "cuda"}
+    assert "gpu_check: tests: OHEM_D2_TEST_DEVICE=cuda " in result.stdout
 
     bench = steps["train_step"]["command"]
     assert bench[1:3] == ["-m", "benchmarks.bench_train_step"]
@@ -85,6 +90,16 @@ def test_dry_run_records_the_four_commands(tmp_path):
     assert demo[1:3] == ["-m", "ohem_d2.demo"]
     assert demo[demo.index("--device") + 1] == "cuda"
     assert demo[demo.index("--output-dir") + 1] == str(out / "demo")
+
+
+def test_a_step_runs_with_its_variables_added(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_CHECK_INHERITED", "yes")
+    code = "import os; print(os.environ['OHEM_D2_TEST_DEVICE'], os.environ['GPU_CHECK_INHERITED'])"
+    log = tmp_path / "step.log"
+    env = gpu_check.STEP_ENV["tests"]
+    returncode, _, output = gpu_check.run_step([sys.executable, "-c", code], str(log), env)
+    assert returncode == 0 and output.split() == ["cuda", "yes"]
+    assert log.read_text() == output
 
 
 def test_dry_run_skip_and_json_path(tmp_path, capsys):

@@ -113,11 +113,12 @@ def test_two_passes_are_the_box_transform_applied_twice_by_hand():
             regressed[..., 1::2] = regressed[..., 1::2].clamp(0, height)
             return logits.softmax(dim=1), regressed
 
-        probs1, boxes1 = score_and_regress(inputs[0]["proposals"].proposal_boxes.tensor)
+        proposal_boxes = inputs[0]["proposals"].proposal_boxes.tensor.to(model.device)
+        probs1, boxes1 = score_and_regress(proposal_boxes)
         rows, classes1 = (probs1[:, :-1] > thresh).nonzero(as_tuple=True)
         r1_boxes, r1_scores = boxes1[rows, classes1], probs1[rows, classes1]
         probs2, boxes2 = score_and_regress(r1_boxes)
-        index = torch.arange(len(r1_boxes))
+        index = torch.arange(len(r1_boxes), device=model.device)
         r2_scores, r2_boxes = probs2[index, classes1], boxes2[index, classes1]
         r2 = r2_scores > thresh
         expected_boxes = torch.cat([r1_boxes, r2_boxes[r2]])

@@ -15,6 +15,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode, Instances
 from helpers import (
     B_ON,
+    DEVICE,
     FAST,
     random_image_and_proposals,
     run_train_net,
@@ -107,7 +108,9 @@ def test_multiscale_is_the_union_of_single_scale_detections_before_nms(raw_input
 
     assert all(len(x) for x in per_scale)
     # Not the same as one scale's detections, nor as merging each scale's NMS'd ones
-    scale_of = torch.cat([torch.full((len(x),), i) for i, x in enumerate(per_scale)])
+    scale_of = torch.cat(
+        [torch.full((len(x),), i, device=keep.device) for i, x in enumerate(per_scale)]
+    )
     assert len(scale_of[keep].unique()) > 1
     assert ours.image_size == (60, 90)
     torch.testing.assert_close(ours.scores, expected.scores, rtol=0, atol=0)
@@ -203,7 +206,7 @@ def test_eval_only_with_the_m_plus_b_config(small_toy_root, tmp_path):
     toy configs' size and the scales to the toy images: the single-scale B test, then the
     multi-scale M + B test, each with VOC and COCO metrics."""
     shrink = [
-        "MODEL.DEVICE", "cpu",
+        "MODEL.DEVICE", DEVICE,
         "MODEL.WEIGHTS", "",
         "MODEL.VGG.WIDTH_MULT", 0.25,
         "MODEL.VGG.FC_DIMS", "[256, 256]",

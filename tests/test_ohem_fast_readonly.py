@@ -4,6 +4,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
+from helpers import DEVICE
 from test_ohem_roi_heads import _batch as roi_heads_batch
 from test_ohem_roi_heads import _build as build_roi_head
 from test_ohem_roi_heads import _cfg as roi_heads_cfg
@@ -16,13 +17,13 @@ from ohem_d2.modeling.ohem import HardExampleMiner, LowRankReadonly, build_reado
 def _head(in_dim=64, hidden=48, out_dim=32):
     """Two linear layers; no activation between them, so low-rank inputs stay low rank."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)).to(DEVICE)
 
 
 def _low_rank_inputs(n=200, in_dim=64, rank=4):
     """Inputs spanning a ``rank``-dimensional subspace: the layers' outputs then have rank 4."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(n, rank, generator=g) @ torch.randn(rank, in_dim, generator=g)
+    return (torch.randn(n, rank, generator=g) @ torch.randn(rank, in_dim, generator=g)).to(DEVICE)
 
 
 def test_off_by_default():
@@ -96,7 +97,7 @@ def test_num_layers_factorises_the_first_layers_only():
 
 def test_small_layers_are_left_exact():
     head = _head(in_dim=8, hidden=8, out_dim=8)
-    x = torch.randn(10, 8)
+    x = torch.randn(10, 8).to(DEVICE)
     approx = LowRankReadonly(rank=4, refresh_period=1)
     with torch.no_grad(), approx([head]):
         out = head(x)

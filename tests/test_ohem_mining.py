@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from helpers import DEVICE
 
 from ohem_d2.modeling.ohem import select_hard_examples
 
@@ -46,9 +47,9 @@ def reference_select(
 
 def _select(losses, boxes, labels, batch_size=128, nms_thresh=0.7, nms_per_label=True, **kw):
     keep, num_after_nms = select_hard_examples(
-        torch.tensor(losses, dtype=torch.float32),
-        torch.tensor(boxes, dtype=torch.float32),
-        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(losses, dtype=torch.float32, device=DEVICE),
+        torch.tensor(boxes, dtype=torch.float32, device=DEVICE),
+        torch.tensor(labels, dtype=torch.int64, device=DEVICE),
         batch_size=batch_size,
         nms_thresh=nms_thresh,
         nms_per_label=nms_per_label,

@@ -14,6 +14,7 @@ from detectron2.modeling.roi_heads import (
 )
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
+from helpers import DEVICE, on_device
 
 from ohem_d2.config import add_ohem_config
 from ohem_d2.modeling.ohem import (
@@ -41,7 +42,7 @@ def _channels(name):
 def _cfg(name, mask_on=False):
     cfg = get_cfg()
     add_ohem_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = DEVICE
     cfg.MODEL.MASK_ON = mask_on
     cfg.MODEL.ROI_HEADS.NAME = name
     cfg.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
@@ -69,13 +70,15 @@ def _build(cfg):
     torch.manual_seed(0)
     name = cfg.MODEL.ROI_HEADS.NAME
     head = build_roi_heads(cfg, {"res4": ShapeSpec(channels=_channels(name), stride=16)})
-    return head.train()
+    return head.to(DEVICE).train()
 
 
 def _batch(name, seed=0, num_proposals=30, image_without_gt=False):
-    """Features (2, C, 8, 10) at stride 16, random proposals and 2-3 objects per image."""
+    """Features (2, C, 8, 10) at stride 16, random proposals and 2-3 objects per image, drawn
+    on the CPU and put on DEVICE (the features a leaf that requires grad)."""
     g = torch.Generator().manual_seed(seed)
-    features = {"res4": torch.randn(2, _channels(name), 8, 10, generator=g, requires_grad=True)}
+    res4 = torch.randn(2, _channels(name), 8, 10, generator=g)
+    features = {"res4": res4.to(DEVICE).requires_grad_()}
     gt = [
         torch.tensor([[10.0, 10.0, 50.0, 60.0], [70.0, 40.0, 130.0, 110.0]]),
         torch.tensor([[20.0, 30.0, 90.0, 100.0], [100.0, 5.0, 150.0, 50.0], [5, 70, 40, 120]]),
@@ -99,7 +102,7 @@ def _batch(name, seed=0, num_proposals=30, image_without_gt=False):
         t.gt_masks = PolygonMasks([[b[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()] for b in gt_boxes])
         proposals.append(p)
         targets.append(t)
-    return features, proposals, targets
+    return features, on_device(proposals), on_device(targets)
 
 
 def _train_step(head, features, proposals, targets, start_iter=0):
@@ -354,7 +357,7 @@ def test_explicit_construction_without_cfg_for_lazy_config_users():
     cfg = _cfg("StandardROIHeads")
     kwargs = StandardROIHeads.from_config(cfg, {"res4": ShapeSpec(channels=8, stride=16)})
     miner = HardExampleMiner(batch_size_per_image=4, nms_thresh=0.5, readonly_chunk_size=5)
-    head = OHEMROIHeads(miner=miner, **kwargs).train()
+    head = OHEMROIHeads(miner=miner, **kwargs).to(DEVICE).train()
     hard, losses, _ = _train_step(head, *_batch("OHEMROIHeads"))
     assert [len(h) for h in hard] == [4, 4]
     assert torch.isfinite(sum(losses.values()))

@@ -10,6 +10,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import DEVICE, on_device
 from torch import nn
 
 from ohem_d2.modeling.ohem import (
@@ -34,7 +35,7 @@ def _predictor(**kwargs):
     # Larger weights than the default init, so that every loss term matters.
     for p in predictor.parameters():
         nn.init.normal_(p, std=0.3)
-    return predictor
+    return predictor.to(DEVICE)
 
 
 def _random_boxes(n, generator):
@@ -44,7 +45,8 @@ def _random_boxes(n, generator):
 
 
 def _labelled_proposals(generator, sizes=(9, 5, 7), with_gt=(True, False, True)):
-    """Labelled RoIs as label_proposals makes them; the second image has no ground truth."""
+    """Labelled RoIs as label_proposals makes them, on DEVICE; the second image has no
+    ground truth."""
     proposals = []
     for n, has_gt in zip(sizes, with_gt):
         p = Instances(IMAGE_SIZE)
@@ -55,7 +57,7 @@ def _labelled_proposals(generator, sizes=(9, 5, 7), with_gt=(True, False, True))
         else:
             p.gt_classes = torch.full((n,), K)
         proposals.append(p)
-    return proposals
+    return on_device(proposals)
 
 
 LOSS_SETTINGS = [
@@ -75,7 +77,7 @@ def test_mean_per_roi_loss_equals_detectron2_losses(settings):
     predictor = _predictor(**settings)
     g = torch.Generator().manual_seed(1)
     proposals = _labelled_proposals(g)
-    predictions = predictor(torch.randn(sum(len(p) for p in proposals), 6, generator=g))
+    predictions = predictor(torch.randn(sum(len(p) for p in proposals), 6, generator=g).to(DEVICE))
     with EventStorage():
         expected = predictor.losses(predictions, proposals)
         per_roi = per_roi_losses(predictor, predictions, proposals)
@@ -83,7 +85,9 @@ def test_mean_per_roi_loss_equals_detectron2_losses(settings):
         # Any subset, e.g. a hard set, has the same property.
         subset = [p[: len(p) // 2 + 1] for p in proposals]
         sub_predictions = predictor(
-            torch.randn(sum(len(p) for p in subset), 6, generator=torch.Generator().manual_seed(2))
+            torch.randn(
+                sum(len(p) for p in subset), 6, generator=torch.Generator().manual_seed(2)
+            ).to(DEVICE)
         )
         expected_sub = predictor.losses(sub_predictions, subset)
         per_roi_sub = per_roi_losses(predictor, sub_predictions, subset)
@@ -125,15 +129,15 @@ def test_per_roi_loss_by_hand():
         -math.log(math.exp(row[label]) / sum(math.exp(v) for v in row))
         for row, label in zip(logits.tolist(), [1, K])
     ]
-    got = per_roi_losses(predictor, (logits, deltas), [p])
-    torch.testing.assert_close(got, torch.tensor([ce[0] + box, ce[1]]), rtol=1e-5, atol=1e-6)
+    got = per_roi_losses(predictor, on_device((logits, deltas)), [on_device(p)])
+    torch.testing.assert_close(got.cpu(), torch.tensor([ce[0] + box, ce[1]]), rtol=1e-5, atol=1e-6)
 
 
 def test_ignored_rois_score_zero_and_do_not_change_the_others():
     predictor = _predictor()
     g = torch.Generator().manual_seed(3)
     (p,) = _labelled_proposals(g, sizes=(6,), with_gt=(True,))
-    predictions = predictor(torch.randn(6, 6, generator=g))
+    predictions = predictor(torch.randn(6, 6, generator=g).to(DEVICE))
     before = per_roi_losses(predictor, predictions, [p])
     p.gt_classes[2] = -1
     after = per_roi_losses(predictor, predictions, [p])
@@ -149,7 +153,7 @@ def test_unsupported_settings_raise_value_error():
             check_box_predictor_supported(predictor)
         g = torch.Generator().manual_seed(0)
         proposals = _labelled_proposals(g)
-        predictions = predictor(torch.randn(21, 6))
+        predictions = predictor(torch.randn(21, 6).to(DEVICE))
         with pytest.raises(ValueError):
             per_roi_losses(predictor, predictions, proposals)
     fed = _predictor()
@@ -174,6 +178,7 @@ class _TinyBoxHead(nn.Module):
             nn.BatchNorm1d(6) if batch_norm else nn.Identity(), nn.Dropout(dropout)
         )
         self.predictor = _predictor()
+        self.to(DEVICE)
 
     def forward(self, features, boxes):
         return self.predictor(self.extra(self.head(self.pooler(features, boxes))))
@@ -192,7 +197,8 @@ def _score(model, features, proposals, **scorer_kwargs):
 
 def _features_and_proposals(sizes=(40, 1, 23)):
     g = torch.Generator().manual_seed(4)
-    features = [torch.randn(len(sizes), 5, 12, 16, generator=g, requires_grad=True)]
+    features = torch.randn(len(sizes), 5, 12, 16, generator=g)
+    features = [features.to(DEVICE).requires_grad_()]  # a leaf that requires grad
     return features, _labelled_proposals(g, sizes=sizes, with_gt=(True,) * len(sizes))
 
 

@@ -10,6 +10,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import DEVICE, on_device
 from test_ohem_mining import reference_select
 from test_ohem_roi_heads import HEADS, _batch, _build, _cfg, _train_step
 
@@ -39,7 +40,7 @@ def _case():
     predictor = FastRCNNOutputLayers(
         ShapeSpec(channels=4), box2box_transform=Box2BoxTransform((10, 10, 5, 5)), num_classes=2
     )
-    return [props], (scores, torch.zeros(len(ROIS), 8)), predictor
+    return on_device([props]), on_device((scores, torch.zeros(len(ROIS), 8))), predictor.to(DEVICE)
 
 
 def _select(batch_size=2, **options):
@@ -130,10 +131,11 @@ def test_trimming_happens_after_the_nms():
     # Surviving background: A, C, D; floor(0.34 * 3) = 1 trimmed: A. A2 stays suppressed
     # (a trim before the NMS would let it take A's place).
     boxes = torch.tensor(
-        [[0, 0, 10, 10], [0, 0, 10, 11], [50, 50, 60, 60], [80, 80, 90, 90], [20, 20, 30, 30.0]]
+        [[0, 0, 10, 10], [0, 0, 10, 11], [50, 50, 60, 60], [80, 80, 90, 90], [20, 20, 30, 30.0]],
+        device=DEVICE,
     )
-    losses = torch.tensor([5.0, 4.0, 3.0, 1.0, 2.0])
-    labels = torch.tensor([1, 1, 1, 1, 0])
+    losses = torch.tensor([5.0, 4.0, 3.0, 1.0, 2.0], device=DEVICE)
+    labels = torch.tensor([1, 1, 1, 1, 0], device=DEVICE)
     common = dict(batch_size=3, nms_thresh=0.7, nms_per_label=True, background_label=1)
     keep, num_after_nms = select_hard_examples(losses, boxes, labels, **common)
     assert keep.tolist() == [0, 2, 4] and num_after_nms == 4
@@ -159,7 +161,7 @@ def test_easy_background_share():
 
 
 def test_easy_background_is_drawn_from_global_rng_and_excludes_trimmed():
-    losses = torch.arange(10.0, 0.0, -1.0)  # RoI i has loss 10 - i: hardest first
+    losses = torch.arange(10.0, 0.0, -1.0).to(DEVICE)  # RoI i has loss 10 - i: hardest first
     boxes = torch.stack(
         [
             torch.arange(10.0) * 20,
@@ -168,17 +170,19 @@ def test_easy_background_is_drawn_from_global_rng_and_excludes_trimmed():
             torch.full((10,), 10.0),
         ],
         dim=1,
-    )
-    labels = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 1])  # RoI 0 fg, the rest bg (label 1)
+    ).to(DEVICE)
+    # RoI 0 fg, the rest bg (label 1)
+    labels = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 1], device=DEVICE)
     common = dict(batch_size=4, nms_thresh=1.0, nms_per_label=True, background_label=1)
     # 9 bg, floor(0.25 * 9) = 2 trimmed (RoIs 1, 2); 2 hard: RoIs 0, 3; easy from 4..9.
     torch.manual_seed(5)
     keep, _ = select_hard_examples(
         losses, boxes, labels, trim_bg_fraction=0.25, num_easy_bg=2, **common
     )
+    # Drawn with the default generator of the labels' device.
     torch.manual_seed(5)
-    pool = torch.tensor([4, 5, 6, 7, 8, 9])
-    expected_easy = pool[torch.randperm(6)[:2]]
+    pool = torch.tensor([4, 5, 6, 7, 8, 9], device=DEVICE)
+    expected_easy = pool[torch.randperm(6, device=DEVICE)[:2]]
     assert keep[:2].tolist() == [0, 3]
     assert keep[2:].tolist() == expected_easy.tolist()
 
@@ -209,7 +213,8 @@ def _random_batch(g, num_images=3, num_rois=40):
         props.index = torch.arange(num_rois)
         proposals.append(props)
     scores = torch.randn(num_images * num_rois, 3, generator=g) * 2
-    return proposals, (scores, torch.randn(num_images * num_rois, 8, generator=g) * 0.1), predictor
+    deltas = torch.randn(num_images * num_rois, 8, generator=g) * 0.1
+    return on_device(proposals), on_device((scores, deltas)), predictor
 
 
 def test_options_off_is_the_paper_selection_and_draws_no_random_numbers():
@@ -239,8 +244,9 @@ def test_diagnostics_by_hand_on_an_image_without_ground_truth_and_a_hard_set_wit
     empty = Instances((200, 200))
     empty.proposal_boxes = Boxes(torch.tensor([[0, 0, 50, 50], [100, 0, 150, 50.0]]))
     empty.gt_classes = torch.tensor([2, 2])
-    probs = torch.tensor([[0.8, 0.1, 0.1], [0.8, 0.1, 0.1]])
-    predictions = (torch.cat([scores, probs.log()]), torch.cat([deltas, torch.zeros(2, 8)]))
+    empty = on_device(empty)
+    probs, zeros = on_device((torch.tensor([[0.8, 0.1, 0.1], [0.8, 0.1, 0.1]]), torch.zeros(2, 8)))
+    predictions = (torch.cat([scores, probs.log()]), torch.cat([deltas, zeros]))
     miner = HardExampleMiner(batch_size_per_image=2, nms_thresh=1.0)
     with EventStorage() as storage:
         hard = miner.select([proposals[0], empty], predictions, predictor)

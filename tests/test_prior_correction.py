@@ -8,6 +8,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
+from helpers import DEVICE
 from test_ohem_roi_heads import _batch, _build, _cfg, _train_step
 
 NAME = "OHEMROIHeads"
@@ -34,7 +35,7 @@ def test_shift_is_log_prior_ratio_by_hand():
     _set_counts(head)
     expected = [math.log(0.01 / 0.4), math.log(0.02 / 0.2), math.log(0.03 / 0.1)]
     expected.append(math.log(0.94 / 0.3))
-    torch.testing.assert_close(head.class_prior_shift(), torch.tensor(expected))
+    torch.testing.assert_close(head.class_prior_shift().cpu(), torch.tensor(expected))
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ def test_shift_to_each_target_by_hand(target, per_class, expected):
     _set_counts(head)
     hard = [0.4, 0.2, 0.1, 0.3]
     shift = [math.log(t / h) for t, h in zip(expected, hard)]
-    torch.testing.assert_close(head.class_prior_shift(), torch.tensor(shift))
+    torch.testing.assert_close(head.class_prior_shift().cpu(), torch.tensor(shift))
     if not per_class:  # the foreground classes all move by the same amount
         assert len({round(x, 5) for x in head.class_prior_shift()[:-1].tolist()}) == 1
 
@@ -71,7 +72,7 @@ def test_inference_equals_stock_head_with_shift_in_bias():
     head.eval()
     cfg = _cfg(NAME)
     cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    stock = build_roi_heads(cfg, {"res4": ShapeSpec(channels=8, stride=16)}).eval()
+    stock = build_roi_heads(cfg, {"res4": ShapeSpec(channels=8, stride=16)}).to(DEVICE).eval()
     state = {k: v for k, v in head.state_dict().items() if not k.startswith("ohem_class")}
     stock.load_state_dict(state)
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_counts_survive_deepcopy_and_cascade_refuses():
     clone = copy.deepcopy(head).eval()
     clone.ohem_class_counts_hard.fill_(0)
     # The copy's hook reads the copy's counts, not the original's.
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16).to(DEVICE)
     with torch.no_grad():
         shifted, _ = clone.box_predictor(x)
         plain, _ = clone.train().box_predictor(x)

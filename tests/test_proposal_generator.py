@@ -4,6 +4,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import DEVICE
 
 import ohem_d2
 from ohem_d2.modeling.proposal_generator import MissingProposalsError, SelectiveSearchProposals
@@ -53,7 +54,7 @@ def test_fast_rcnn_meta_arch_uses_generator_and_reports_missing_proposals():
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
     cfg.merge_from_file("configs/frcn_vgg16.yaml")
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.VGG.WIDTH_MULT", 0.125])
+    cfg.merge_from_list(["MODEL.DEVICE", DEVICE, "MODEL.VGG.WIDTH_MULT", 0.125])
     cfg.merge_from_list(["MODEL.VGG.FC_DIMS", [32, 32], "MODEL.ROI_HEADS.NUM_CLASSES", 3])
     cfg.merge_from_list(["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", 2])
     model = build_model(cfg)

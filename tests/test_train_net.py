@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from detectron2.config import get_cfg
-from helpers import REPO, run_train_net, toy_overrides
+from helpers import DEVICE, REPO, run_train_net, toy_overrides
 
 import ohem_d2
 from ohem_d2.engine import Trainer
@@ -93,6 +93,7 @@ def test_ddp_two_processes_on_cpu(small_toy_root, tmp_path, config):
             tmp_path,
         ],
         os.path.dirname(small_toy_root),
+        no_gpu=True,  # CPU processes: on a machine with CUDA, they need the GPUs hidden
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "World size: 2" in result.stdout
@@ -109,7 +110,8 @@ def _toy_cfg(config, root, tmp_path, *opts):
     ohem_d2.add_ohem_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", "toy", config))
     cfg.merge_from_list(toy_overrides(root))
-    cfg.merge_from_list(["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", 3, *opts])
+    cfg.merge_from_list(["MODEL.DEVICE", DEVICE, "OUTPUT_DIR", str(tmp_path)])
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 3, *opts])
     cfg.merge_from_list(["DATASETS.TEST", (), "DATASETS.PROPOSAL_FILES_TEST", ()])
     return cfg
 
@@ -135,7 +137,7 @@ def test_model_zoo_r50_fpn_with_ohem_head(small_toy_registered, tmp_path):
     merge_config_file(cfg, os.path.join(REPO, "configs", "faster_rcnn_R_50_FPN_ohem.yaml"))
     cfg.merge_from_list(
         [
-            "MODEL.DEVICE", "cpu",
+            "MODEL.DEVICE", DEVICE,
             "MODEL.ROI_HEADS.NUM_CLASSES", 4,
             "DATASETS.TRAIN", ("ohem_toy_trainval",),
             "DATASETS.TEST", (),

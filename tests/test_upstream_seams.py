@@ -20,7 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from fvcore.common.checkpoint import Checkpointer
-from helpers import REPO
+from helpers import DEVICE, REPO
 
 import ohem_d2
 from ohem_d2.engine import Trainer
@@ -37,7 +37,7 @@ def _fast_rcnn(*opts):
     cfg = get_cfg()
     ohem_d2.add_ohem_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", "frcn_vgg16.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.VGG.WIDTH_MULT", 0.125])
+    cfg.merge_from_list(["MODEL.DEVICE", DEVICE, "MODEL.VGG.WIDTH_MULT", 0.125])
     cfg.merge_from_list(["MODEL.VGG.FC_DIMS", [32, 32], "MODEL.ROI_HEADS.NUM_CLASSES", 3])
     cfg.merge_from_list(list(opts))
     torch.manual_seed(0)

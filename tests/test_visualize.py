@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from helpers import REPO
+from helpers import DEVICE, REPO
 from PIL import Image
 
 from ohem_d2.data.proposal_io import read_proposal_file
@@ -34,7 +34,9 @@ def _test_image(root, k=0):
 
 def _run(inputs, out_dir, weights, *extra):
     args = ["--config-file", CONFIG, "--input", *inputs, "--output", str(out_dir)]
-    return main([*args, "--confidence", "0", *extra, "MODEL.WEIGHTS", weights])
+    return main(
+        [*args, "--confidence", "0", *extra, "MODEL.WEIGHTS", weights, "MODEL.DEVICE", DEVICE]
+    )
 
 
 def test_selective_search_on_the_fly(tmp_path, small_toy_registered, toy_weights, capsys):
