@@ -63,7 +63,7 @@ def trained_runs(spec):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m studies.detection_cap")
     parser.add_argument("--caps", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--runs", nargs="+", default=["output/demo"])
     parser.add_argument("--threads", type=int, default=2)

@@ -59,6 +59,8 @@ SEED_COLUMNS = _columns(
     "mAP50 all-pt", "COCO AP", "RBC", "WBC", PLATELETS, "dets/image", "cap's bar"
 )
 METHODS = ("frcn", "ohem")
+# The demo's folder of the recommended OHEM evaluation (ohem_d2.demo.RECOMMENDED_DIR).
+RECOMMENDED_DIR = "ohem_recommended"
 # COLUMNS read from a flat {column: value} (differences of two runs are computed on these).
 NUMBER_COLUMNS = [(n, operator.itemgetter(n), d) for n, _, d in COLUMNS]
 
@@ -104,6 +106,8 @@ def format_differences(table, reference="frcn"):
         if name == reference:
             continue
         for seed, m in sorted(runs.items()):
+            if seed not in table[reference]:
+                continue  # no reference run of that seed: nothing to compare with
             ref = table[reference][seed]
             d_map = m["voc_AP50_allpoint"] - ref["voc_AP50_allpoint"]
             d_coco = m["coco_AP"] - ref["coco_AP"]
@@ -111,27 +115,42 @@ def format_differences(table, reference="frcn"):
     return "\n".join(lines)
 
 
-def load_run(spec):
-    """[summary] of one demo run: DIR, or FRCN_DIR:OHEM_DIR (two runs of one seed's methods).
+def _read_folder(folder):
+    """{(method, recommended): summary} of one demo --output-dir.
 
-    Each --output-dir's own summary.json lists every evaluation of the run (the recommended
-    OHEM included); an output dir that a `--methods` run left without one is read from its
-    method folders."""
-    summaries = []
-    for folder in str(spec).split(":"):
-        path = os.path.join(folder, "summary.json")
+    Each evaluation's own summary.json (<dir>/frcn, <dir>/ohem, <dir>/ohem_recommended) is
+    the latest of that method in the folder. The folder's summary.json lists only the
+    methods of the last demo command run into it, so it fills in only what they lack."""
+    found = {}
+    for name in (*METHODS, RECOMMENDED_DIR):
+        path = os.path.join(folder, name, "summary.json")
         if os.path.isfile(path):
             with open(path) as f:
-                summaries += json.load(f)
-            continue
-        for method in METHODS:
-            path = os.path.join(folder, method, "summary.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    summaries.append(json.load(f))
-    if not summaries:
+                summary = json.load(f)
+            found[(summary["method"], bool(summary.get("recommended")))] = summary
+    listed = os.path.join(folder, "summary.json")
+    if os.path.isfile(listed):
+        with open(listed) as f:
+            for summary in json.load(f):
+                found.setdefault((summary["method"], bool(summary.get("recommended"))), summary)
+    return found
+
+
+def load_run(spec):
+    """[summary] of one demo run: DIR, or FRCN_DIR:OHEM_DIR when a seed's two methods ran
+    into two folders (FRCN's evaluations are read from the first, OHEM's from the second)."""
+    folders = str(spec).split(":")
+    if len(folders) == 1:
+        found = _read_folder(folders[0])
+    elif len(folders) == 2:
+        frcn, ohem = map(_read_folder, folders)
+        found = {k: v for k, v in frcn.items() if k[0] == "frcn"}
+        found.update({k: v for k, v in ohem.items() if k[0] == "ohem"})
+    else:
+        raise ValueError(f"{spec}: give DIR or FRCN_DIR:OHEM_DIR")
+    if not found:
         raise FileNotFoundError(f"{spec}: no summary.json there nor in its method folders")
-    return summaries
+    return list(found.values())
 
 
 def label(summary):
@@ -300,11 +319,15 @@ def _variants(args):
     for seed in args.seeds:
         lines += [_row((seed, m), _cells(runs[seed])) for m, runs in table.items() if seed in runs]
     for method, runs in table.items():
+        if not runs:
+            continue  # not run yet
         seeds = sorted(runs)
         label = "mean" if len(seeds) == len(args.seeds) else f"mean of seeds {seeds}"
         lines.append(_row((label, method), _mean(runs.values())))
     for name in mined:
         seeds = sorted(table[name])
+        if not seeds:
+            continue
         for seed in (*seeds, "mean"):
             chosen = seeds if seed == "mean" else (seed,)
             diffs = _mean(
@@ -334,7 +357,9 @@ def _variants(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m studies.table", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("seeds", help="FRCN, paper and recommended OHEM of demo runs")
     s.add_argument("runs", nargs="+", metavar="DEMO_OUTPUT_DIR")

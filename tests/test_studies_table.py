@@ -170,3 +170,41 @@ def test_the_cap_diagnostic_takes_frcn_from_the_first_folder_and_ohem_from_the_s
     a, b = str(tmp_path / "0.01"), str(tmp_path / "0.005")
     assert [(f, s["method"]) for f, s in trained_runs(f"{a}:{b}")] == [(a, "frcn"), (b, "ohem")]
     assert [(f, s["method"]) for f, s in trained_runs(a)] == [(a, "frcn"), (a, "ohem")]
+
+
+def test_a_folder_read_by_its_method_folders_after_separate_method_runs(tmp_path):
+    """`--methods frcn` then `--methods ohem` into one folder: the folder's own summary.json
+    lists only OHEM, the method folders hold both."""
+    write_run(tmp_path / "run", [summary("frcn", 0, 60, 30)])
+    write_run(tmp_path / "later", [summary("ohem", 0, 62, 31)])
+    (tmp_path / "later" / "ohem").rename(tmp_path / "run" / "ohem")
+    (tmp_path / "later" / "summary.json").replace(tmp_path / "run" / "summary.json")
+    assert sorted(s["method"] for s in load_run(tmp_path / "run")) == ["frcn", "ohem"]
+
+
+def test_frcn_dir_and_ohem_dir_take_each_method_from_its_own_folder(tmp_path):
+    for lr, m in (("0.01", 60), ("0.005", 62)):
+        write_run(tmp_path / lr, [summary("frcn", 0, m, 30), summary("ohem", 0, m + 5, 31)])
+    runs = load_run(f"{tmp_path / '0.01'}:{tmp_path / '0.005'}")
+    assert {s["method"]: s["voc_AP50_allpoint"] for s in runs} == {"frcn": 60, "ohem": 67}
+
+
+def test_the_recommended_folder_is_the_demos():
+    import studies.table
+    from ohem_d2.demo import RECOMMENDED_DIR
+
+    assert studies.table.RECOMMENDED_DIR == RECOMMENDED_DIR
+
+
+def test_a_variant_not_run_yet_has_no_row_and_no_verdict(tmp_path, capsys):
+    for seed in (0, 1, 2):
+        write_run(
+            tmp_path / f"base_s{seed}",
+            [summary("frcn", seed, 60, 30), summary("ohem", seed, 62, 31)],
+        )
+    main(
+        ["variants", "--baseline", str(tmp_path / "base_s{seed}"), "v=" + str(tmp_path / "v{seed}")]
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert "- v: only seeds [] ran; no verdict" in out
+    assert not any("| v |" in line or "v - ohem" in line for line in out)

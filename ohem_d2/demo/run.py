@@ -319,7 +319,8 @@ def run_one(
     cfg = build_demo_cfg(
         dataset, method, output_dir, iters, seed, device, train_opts, opts=opts, holdout=holdout
     )
-    shutil.rmtree(os.path.join(output_dir, RECOMMENDED_DIR), ignore_errors=True)
+    if method == "ohem":  # OHEM's earlier recommended evaluation is of another model
+        shutil.rmtree(os.path.join(output_dir, RECOMMENDED_DIR), ignore_errors=True)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     # Detectron2's full log goes to <method>/log.txt; the terminal gets a progress bar.
     setup_logger(cfg.OUTPUT_DIR, configure_stdout=False)
