@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -331,8 +332,8 @@ def main(argv=None):
         entry["log"] = os.path.join(out, f"{step}.log")
         entry["figures"] = {}
         record["steps"][step] = entry
-        shown = [f"{k}={v}" for k, v in env.items()] + cmds[step]
-        print(f"gpu_check: {step}: {' '.join(shown)}", flush=True)
+        shown = " ".join([f"{k}={v}" for k, v in env.items()] + [shlex.join(cmds[step])])
+        print(f"gpu_check: {step}: {shown}", flush=True)
         if args.dry_run:
             continue
         entry["returncode"], entry["seconds"], output = run_step(cmds[step], entry["log"], env)

@@ -8,10 +8,10 @@ from ohem_d2.data.toy import toy_proposal_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The device the tests' models run on: OHEM_D2_TEST_DEVICE, default "cpu" ("cuda" on a machine
-# with a GPU, as `python -m benchmarks.gpu_check` runs the suite; conftest.py refuses it
-# without one). Tests whose subject is the CPU stay there: several CPU processes (gloo), the
-# allocator, the demo's defaults, the refusals for want of a GPU.
+# The device the tests' models run on: OHEM_D2_TEST_DEVICE, "cpu" unless set (`python -m
+# benchmarks.gpu_check` sets "cuda"; conftest.py refuses a device the machine lacks). Tests
+# whose subject is the CPU stay there: several CPU processes (gloo), the allocator, the
+# demo's defaults, the refusals for want of a GPU.
 DEVICE = os.environ.get("OHEM_D2_TEST_DEVICE", "cpu")
 # Hides the GPUs from a subprocess, as a user starting CPU processes on a machine with CUDA
 # does (train_net.py refuses them otherwise: Detectron2's launcher would pick NCCL).
@@ -44,7 +44,7 @@ def on_device(x):
     values as they are)."""
     if isinstance(x, dict):
         return {k: on_device(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
+    if type(x) in (list, tuple):
         return type(x)(on_device(v) for v in x)
     return x.to(DEVICE) if hasattr(x, "to") else x
 
