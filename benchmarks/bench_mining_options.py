@@ -1,4 +1,4 @@
-"""What the options against unlabelled objects (issue 13) cost, as a share of an iteration.
+"""What the options against unlabelled objects cost, as a share of an iteration.
 
     python -m benchmarks.bench_mining_options --iters 10 --repeats 20
 

@@ -1,4 +1,4 @@
-"""Time and measure full training iterations of FRCN and OHEM side by side (issue 5).
+"""Time and measure full training iterations of FRCN and OHEM side by side.
 
 Both models are built from the project's configs (the shipped code), share one state dict and
 train on the same synthetic images, ground truth and proposals; their iterations are

@@ -27,7 +27,7 @@ recorded and the next still runs); its output goes to the terminal and to
    iterations, no evaluation; the toy dataset is generated on first use, as
    ``train_net.py`` does. Figures: the processes line, the world size, the last logged
    s/iter, whether model_final.pth exists.
-4. ``demo``: the main job, ``python -m ohem_d2.demo --device cuda --output-dir
+4. ``demo``: the demo, ``python -m ohem_d2.demo --device cuda --output-dir
    <output-dir>/demo``. Figures: mAP50, COCO AP, s/iter and peak CUDA memory of each
    method, from the summary.json it writes (if it stopped early, from those of the methods
    that finished).

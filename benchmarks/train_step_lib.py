@@ -1,4 +1,4 @@
-"""The training-step benchmark of FRCN against OHEM, as a library (issue 5).
+"""The training-step benchmark of FRCN against OHEM, as a library.
 
 Its settings (the command line of ``bench_train_step.py``, :func:`parse_args`), the models
 built from the shipped configs, the synthetic batch, one timed training step, the mining
@@ -40,7 +40,7 @@ ARCHS = {
     ),
 }
 NUM_GT = 3  # objects per synthetic image
-DESCRIPTION = "Time and measure full training iterations of FRCN and OHEM side by side (issue 5)."
+DESCRIPTION = "Time and measure full training iterations of FRCN and OHEM side by side."
 
 
 def build_cfg(arch, variant, args):

@@ -1,4 +1,4 @@
-"""The main job end to end, for a few iterations on the small toy dataset."""
+"""The demo end to end, for a few iterations on the small toy dataset."""
 
 import json
 import os
@@ -136,7 +136,7 @@ def test_holdout_trains_on_bccd_train_and_evaluates_on_bccd_val():
     assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SEED == 1  # --opts override the method's rate
     default = build_demo_cfg("bccd", "frcn", "out", 450, 0, "cpu")
     assert (default.DATASETS.TRAIN, default.DATASETS.TEST) == (("bccd_trainval",), ("bccd_test",))
-    # The rates benchmarks/bccd_holdout.md chose, one per method.
+    # The rates studies/bccd_learning_rate.md chose, one per method.
     assert default.SOLVER.BASE_LR == 0.01
     assert build_demo_cfg("bccd", "ohem", "out", 450, 0, "cpu").SOLVER.BASE_LR == 0.005
     with pytest.raises(ValueError, match="--holdout needs --dataset bccd"):

@@ -15,7 +15,7 @@ files on disk left untouched:
   earlier one of the same image (the first one is kept).
 
 Many red cells are not annotated at all (overlapping cells, cells cut by the border); nothing
-can be done about that here, and it matters for hard example mining (see the README).
+can be done about that here, and it matters for hard example mining (studies/bccd_unlabelled.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The main job: FRCN and OHEM side by side on BCCD, real blood-cell microscopy images.
+"""The demo: FRCN and OHEM side by side on BCCD, real blood-cell microscopy images.
 
     python -m ohem_d2.demo --output-dir output/demo [--seed 0] [--iters N] [--device cpu]
 
