@@ -45,20 +45,15 @@ def evaluate(run_dir, summary, cap):
 
 
 def trained_runs(spec):
-    """[(run folder, summary)] of each trained model of DIR, or of FRCN_DIR:OHEM_DIR (FRCN's
-    model from the first folder, OHEM's from the second). The recommended OHEM is the paper's
-    model evaluated otherwise, so it is left out."""
-    folders = spec.split(":")
-    wanted = dict(zip(("frcn", "ohem"), folders)) if len(folders) == 2 else None
-    runs = []
-    for folder in folders:
-        for summary in load_run(folder):
-            method = summary["method"]
-            model = os.path.join(folder, method, "model_final.pth")
-            if summary.get("recommended") or not os.path.isfile(model):
-                continue
-            if wanted is None or wanted[method] == folder:
-                runs.append((folder, summary))
+    """[(run folder, summary)] of each trained model of DIR or FRCN_DIR:OHEM_DIR (see
+    studies.table.load_run). The recommended OHEM is the paper's model evaluated otherwise,
+    so it is left out."""
+    runs = [
+        (summary["run_dir"], summary)
+        for summary in load_run(spec)
+        if not summary.get("recommended")
+        and os.path.isfile(os.path.join(summary["run_dir"], summary["method"], "model_final.pth"))
+    ]
     return sorted(runs, key=lambda run: run[1]["method"])
 
 

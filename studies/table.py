@@ -116,23 +116,17 @@ def format_differences(table, reference="frcn"):
 
 
 def _read_folder(folder):
-    """{(method, recommended): summary} of one demo --output-dir.
-
-    Each evaluation's own summary.json (<dir>/frcn, <dir>/ohem, <dir>/ohem_recommended) is
-    the latest of that method in the folder. The folder's summary.json lists only the
-    methods of the last demo command run into it, so it fills in only what they lack."""
+    """{(method, recommended): summary} of one demo --output-dir, from each evaluation's own
+    summary.json (<dir>/frcn, <dir>/ohem, <dir>/ohem_recommended): the latest of that method
+    in the folder. (The folder's own summary.json lists only the last command's methods.)
+    Each summary gets the folder as "run_dir"."""
     found = {}
     for name in (*METHODS, RECOMMENDED_DIR):
         path = os.path.join(folder, name, "summary.json")
         if os.path.isfile(path):
             with open(path) as f:
-                summary = json.load(f)
+                summary = {**json.load(f), "run_dir": folder}
             found[(summary["method"], bool(summary.get("recommended")))] = summary
-    listed = os.path.join(folder, "summary.json")
-    if os.path.isfile(listed):
-        with open(listed) as f:
-            for summary in json.load(f):
-                found.setdefault((summary["method"], bool(summary.get("recommended"))), summary)
     return found
 
 
@@ -149,7 +143,7 @@ def load_run(spec):
     else:
         raise ValueError(f"{spec}: give DIR or FRCN_DIR:OHEM_DIR")
     if not found:
-        raise FileNotFoundError(f"{spec}: no summary.json there nor in its method folders")
+        raise FileNotFoundError(f"{spec}: no summary.json in its method folders")
     return list(found.values())
 
 

@@ -32,12 +32,13 @@ def summary(method, seed, m, coco, **more):
 
 
 def write_run(folder, summaries):
+    """A demo --output-dir: its summary.json and each evaluation's own folder."""
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(summaries))
     for s in summaries:
-        if not s.get("recommended"):
-            (folder / s["method"]).mkdir()
-            (folder / s["method"] / "summary.json").write_text(json.dumps(s))
+        name = "ohem_recommended" if s.get("recommended") else s["method"]
+        (folder / name).mkdir()
+        (folder / name / "summary.json").write_text(json.dumps(s))
 
 
 def test_mean_and_spread_are_the_hand_computed_ones():

@@ -19,7 +19,6 @@ from .roi_heads import (
 from .scoring import ReadonlyScorer, check_box_predictor_supported, per_roi_losses, readonly_mode
 
 __all__ = [
-    "scores_as_trained",
     "HardExampleMiner",
     "LowRankReadonly",
     "OHEMCascadeROIHeads",
@@ -35,5 +34,6 @@ __all__ = [
     "per_roi_losses",
     "readonly_head",
     "readonly_mode",
+    "scores_as_trained",
     "select_hard_examples",
 ]
