@@ -74,9 +74,6 @@ PAPER_TABLE2_VGG16 = {
     "memory_ratio": round(8.7 / 6.4, 4),
 }
 
-# The demo's folders, each with its summary.json (ohem_d2.demo).
-DEMO_FOLDERS = ("frcn", "ohem", "ohem_recommended")
-
 # The variables a step's process gets on top of this one's: the tests' device switch
 # (tests/helpers.py).
 STEP_ENV = {"tests": {"OHEM_D2_TEST_DEVICE": "cuda"}}
@@ -220,26 +217,14 @@ def ddp_figures(output, output_dir):
     return figures
 
 
-def demo_summaries(demo_dir):
-    """The demo's summaries: its summary.json, or when the demo stopped before writing it,
-    those of the methods that finished (<demo_dir>/<method>/summary.json)."""
-    path = os.path.join(demo_dir, "summary.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    summaries = []
-    for folder in DEMO_FOLDERS:
-        path = os.path.join(demo_dir, folder, "summary.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                summaries.append(json.load(f))
-    return summaries
-
-
 def demo_figures(demo_dir):
     """Per method (frcn, ohem, ohem_recommended) of the demo's summaries: mAP50 (VOC
-    all-point and 11-point), COCO AP, s/iter, peak CUDA memory; and OHEM's s/iter over FRCN's."""
-    summaries = demo_summaries(demo_dir)
+    all-point and 11-point), COCO AP, s/iter, peak CUDA memory; and OHEM's s/iter over FRCN's.
+    Read from each method's own summary.json, so a demo that stopped part-way still gives
+    the methods that finished."""
+    from ohem_d2.demo.report import read_summaries
+
+    summaries = read_summaries(demo_dir)
     figures = {}
     for s in summaries:
         name = s["method"] + ("_recommended" if s.get("recommended") else "")

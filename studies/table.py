@@ -59,8 +59,6 @@ SEED_COLUMNS = _columns(
     "mAP50 all-pt", "COCO AP", "RBC", "WBC", PLATELETS, "dets/image", "cap's bar"
 )
 METHODS = ("frcn", "ohem")
-# The demo's folder of the recommended OHEM evaluation (ohem_d2.demo.RECOMMENDED_DIR).
-RECOMMENDED_DIR = "ohem_recommended"
 # COLUMNS read from a flat {column: value} (differences of two runs are computed on these).
 NUMBER_COLUMNS = [(n, operator.itemgetter(n), d) for n, _, d in COLUMNS]
 
@@ -117,17 +115,14 @@ def format_differences(table, reference="frcn"):
 
 def _read_folder(folder):
     """{(method, recommended): summary} of one demo --output-dir, from each evaluation's own
-    summary.json (<dir>/frcn, <dir>/ohem, <dir>/ohem_recommended): the latest of that method
-    in the folder. (The folder's own summary.json lists only the last command's methods.)
-    Each summary gets the folder as "run_dir"."""
-    found = {}
-    for name in (*METHODS, RECOMMENDED_DIR):
-        path = os.path.join(folder, name, "summary.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                summary = {**json.load(f), "run_dir": folder}
-            found[(summary["method"], bool(summary.get("recommended")))] = summary
-    return found
+    summary.json: the latest of that method in the folder (the folder's own summary.json
+    lists only the last command's methods). Each summary gets the folder as "run_dir"."""
+    from ohem_d2.demo.report import read_summaries
+
+    return {
+        (s["method"], bool(s.get("recommended"))): {**s, "run_dir": folder}
+        for s in read_summaries(folder)
+    }
 
 
 def load_run(spec):
@@ -170,7 +165,8 @@ def load_grid(pattern, lrs, seeds, split="bccd_val"):
     """{(method, lr, seed): summary} of a learning-rate grid's runs that finished."""
     rows = {}
     for lr, seed in itertools.product(lrs, seeds):
-        for s in load_run(pattern.format(lr=lr, seed=seed)) if _exists(pattern, lr, seed) else []:
+        folder = pattern.format(lr=lr, seed=seed)
+        for s in _read_folder(folder).values():  # none while the run has not finished
             if s.get("recommended"):
                 continue
             if s["seed"] != seed or s["test_datasets"] != [split]:
@@ -179,14 +175,6 @@ def load_grid(pattern, lrs, seeds, split="bccd_val"):
                 raise ValueError(f"{pattern} lr={lr} seed={seed}: trained with {s['opts']}")
             rows[(s["method"], lr, seed)] = s
     return rows
-
-
-def _exists(pattern, lr, seed):
-    folder = pattern.format(lr=lr, seed=seed)
-    return any(
-        os.path.isfile(os.path.join(folder, *p))
-        for p in (("summary.json",), ("frcn", "summary.json"), ("ohem", "summary.json"))
-    )
 
 
 def pick_rate(rows, method, lrs, seeds):

@@ -190,13 +190,6 @@ def test_frcn_dir_and_ohem_dir_take_each_method_from_its_own_folder(tmp_path):
     assert {s["method"]: s["voc_AP50_allpoint"] for s in runs} == {"frcn": 60, "ohem": 67}
 
 
-def test_the_recommended_folder_is_the_demos():
-    import studies.table
-    from ohem_d2.demo import RECOMMENDED_DIR
-
-    assert studies.table.RECOMMENDED_DIR == RECOMMENDED_DIR
-
-
 def test_a_variant_not_run_yet_has_no_row_and_no_verdict(tmp_path, capsys):
     for seed in (0, 1, 2):
         write_run(

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import time
 
-from .report import column_label, draw_detections, format_table, plot_roi_loss
+from .report import column_label, draw_detections, format_table, plot_roi_loss, read_summaries
 from .run import (
     DATASETS,
     METHODS,
-    RECOMMENDED_DIR,
     build_demo_cfg,
     default_device,
     default_iters,
@@ -109,15 +108,10 @@ def main(argv=None):
     # Each method trains in its own process, so that peak memory is its own.
     command = [sys.executable, "-m", "ohem_d2.demo"]
     forwarded = run_arguments(args)
-    summaries = []
     for method in args.methods:
         log.info("=== training %s for %d iterations ===", METHODS[method], args.iters)
         subprocess.run([*command, "--run", method, *forwarded], check=True)
-        for folder in (method, RECOMMENDED_DIR) if method == "ohem" else (method,):
-            path = os.path.join(args.output_dir, folder, "summary.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    summaries.append({**json.load(f), "folder": folder})
+    summaries = read_summaries(args.output_dir, args.methods)
     table = format_table(summaries)
     plot_roi_loss(args.output_dir, args.methods)
     from detectron2.data import MetadataCatalog

@@ -5,12 +5,27 @@
 import json
 import os
 
-from .run import METHODS, PROBE_IMAGES
+from .run import METHODS, PROBE_IMAGES, RECOMMENDED_DIR
 
 # detections.png draws the detections with at least this score.
 DRAW_SCORE = 0.5
 # BGR colours per class index, for detections.png.
 CLASS_COLOURS = [(0, 0, 255), (255, 255, 255), (0, 200, 0), (255, 0, 255)]
+
+
+def read_summaries(output_dir, methods=tuple(METHODS)):
+    """Each evaluation's summary.json in a demo --output-dir, in the report's order (FRCN,
+    paper OHEM, recommended OHEM; those of `methods` that are there), each with the folder it
+    came from as "folder". The runs write them; the report, the studies' tables and
+    benchmarks.gpu_check read them here."""
+    summaries = []
+    for method in methods:
+        for folder in (method, RECOMMENDED_DIR) if method == "ohem" else (method,):
+            path = os.path.join(output_dir, folder, "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    summaries.append({**json.load(f), "folder": folder})
+    return summaries
 
 
 def _optional(value, fmt):
