@@ -94,10 +94,6 @@ def evaluate(method_dir, summary, variant, scales, max_size):
     from ohem_d2.engine import Trainer, build_detection_evaluator
     from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
     from ohem_d2.engine.loaders import build_multiscale_test_loader
-    from ohem_d2.modeling.iterative_box_regression import (
-        BoxRefinementSettings,
-        IterativeBoxRegressionWithVoting,
-    )
     from ohem_d2.modeling.multiscale import MultiScaleRCNN
 
     cfg = variant_cfg(method_dir, summary, variant, scales, max_size)
@@ -105,12 +101,11 @@ def evaluate(method_dir, summary, variant, scales, max_size):
     SafeDetectionCheckpointer(model).load(os.path.join(method_dir, "model_final.pth"))
     model.eval()
     name = cfg.DATASETS.TEST[0]
-    settings = BoxRefinementSettings.from_config(cfg)
+    # As Trainer.test_with_TTA and Trainer.test build them (B inside M when both are on).
     if cfg.TEST.AUG.ENABLED:
         model, loader = MultiScaleRCNN(cfg, model), build_multiscale_test_loader(cfg, name)
     else:
-        if settings.enabled:
-            model = IterativeBoxRegressionWithVoting(model, settings)
+        model = Trainer.with_box_refinement(cfg, model)
         loader = Trainer.build_test_loader(cfg, name)
     timed = TimedModel(model)
     results = inference_on_dataset(

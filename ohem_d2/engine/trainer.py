@@ -110,15 +110,19 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name):
         return build_detection_evaluator(dataset_name, cfg.OUTPUT_DIR, cfg)
 
+    @staticmethod
+    def with_box_refinement(cfg, model):
+        """`model` for single-scale inference: wrapped in
+        :class:`IterativeBoxRegressionWithVoting` when TEST.ITERATIVE_BBOX_REG or
+        TEST.BOX_VOTING is on, else as it is."""
+        settings = BoxRefinementSettings.from_config(cfg)
+        return IterativeBoxRegressionWithVoting(model, settings) if settings.enabled else model
+
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Detectron2's single-scale evaluation; with TEST.ITERATIVE_BBOX_REG or
-        TEST.BOX_VOTING on, the model's detections are made by
-        :class:`IterativeBoxRegressionWithVoting`."""
-        settings = BoxRefinementSettings.from_config(cfg)
-        if settings.enabled:
-            model = IterativeBoxRegressionWithVoting(model, settings)
-        return super().test(cfg, model, evaluators)
+        """Detectron2's single-scale evaluation, with B when it is on
+        (:meth:`with_box_refinement`)."""
+        return super().test(cfg, cls.with_box_refinement(cfg, model), evaluators)
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
