@@ -56,6 +56,14 @@ def format_table(summaries):
         ("COCO AP75 (%)", lambda s: f"{s['coco_AP75']:.1f}"),
         ("detections per image (mean)", lambda s: f"{s['mean_detections_per_image']:.1f}"),
         (
+            "at score >= 0.5: precision / recall / F1",
+            lambda s: "{:.2f} / {:.2f} / {:.2f}".format(
+                s["precision@0.5"], s["recall@0.5"], s["f1@0.5"]
+            ),
+        ),
+        ("detections per image at score >= 0.5", lambda s: f"{s['detections_per_image@0.5']:.1f}"),
+        ("D-ECE (detection calibration error)", lambda s: _optional(s["d_ece"], "{:.3f}")),
+        (
             "lowest kept score (median over images)",
             lambda s: _optional(s["median_lowest_kept_score"], "{:.3f}"),
         ),
@@ -73,6 +81,7 @@ def format_table(summaries):
     rows += [
         ("memory allocator", lambda s: s["allocator"]),
         ("device", lambda s: s["device"]),
+        ("threads", lambda s: str(s.get("threads", "-"))),
     ]
     lines = ["| metric | " + " | ".join(column_label(s) for s in summaries) + " |"]
     lines.append("|---" * (len(summaries) + 1) + "|")

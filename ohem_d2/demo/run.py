@@ -245,9 +245,15 @@ def _test_metrics(cfg, results):
     the detections the evaluator wrote under cfg.OUTPUT_DIR."""
     from detectron2.data import DatasetCatalog
 
+    from ..engine.calibration import score_quality
     from ..engine.evaluation import detection_cap_statistics
 
     test_name = cfg.DATASETS.TEST[0]
+    results_file = os.path.join(
+        cfg.OUTPUT_DIR, "inference", test_name, "coco_instances_results.json"
+    )
+    with open(results_file) as f:
+        detections = json.load(f)
     return {
         "voc_AP50_11point": results["voc_bbox/mAP50_11point"],
         "voc_AP50_allpoint": results["voc_bbox/mAP50_allpoint"],
@@ -259,10 +265,8 @@ def _test_metrics(cfg, results):
         "coco_AP": results["bbox/AP"],
         "coco_AP50": results["bbox/AP50"],
         "coco_AP75": results["bbox/AP75"],
-        **detection_cap_statistics(
-            os.path.join(cfg.OUTPUT_DIR, "inference", test_name, "coco_instances_results.json"),
-            len(DatasetCatalog.get(test_name)),
-        ),
+        **detection_cap_statistics(results_file, len(DatasetCatalog.get(test_name))),
+        **score_quality(detections, DatasetCatalog.get(test_name), dataset_name=test_name),
     }
 
 
@@ -378,6 +382,8 @@ def run_one(
         "train_datasets": list(cfg.DATASETS.TRAIN),
         "test_datasets": list(cfg.DATASETS.TEST),
         "device": cfg.MODEL.DEVICE,
+        # The thread count changes a CPU run's numbers as a seed does.
+        "threads": torch.get_num_threads(),
         "init_weights_sha256": init_digest,
         **_test_metrics(cfg, results),
         "final_roi_loss": {k: probe[k][-1] for k in RoILossProbe.KEYS},
