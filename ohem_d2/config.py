@@ -110,6 +110,25 @@ def add_ohem_config(cfg):
     # proportions in the hard sets (so a rare class that OHEM mines often is not pushed
     # down further than the others).
     _C.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS = True
+    # --- Beyond the paper: the hard set plus a weighted random remainder (off: the paper) ---
+    # The hard set alone teaches the classifier the hard sets' class make-up. With
+    # NUM_PER_IMAGE R > 0, each image's BATCH_SIZE_PER_IMAGE B RoIs are the hard set of B - R
+    # (NMS, then the top B - R by loss) plus R RoIs drawn from the labelled RoIs not in it,
+    # within the foreground and the background strata, and each RoI is weighted so that the
+    # minibatch loss estimates the mean loss over all labelled RoIs with the strata at
+    # TARGET's shares (ohem_d2/modeling/ohem/remainder.py). R = B: no deterministic hard set.
+    _C.MODEL.ROI_HEADS.OHEM.REMAINDER = CN()
+    _C.MODEL.ROI_HEADS.OHEM.REMAINDER.NUM_PER_IMAGE = 0
+    # The strata's shares: "ALL_ROIS" (as among all labelled RoIs of the image) or
+    # "STOCK_SAMPLER" (ROI_HEADS.POSITIVE_FRACTION foreground, as Detectron2's sampler).
+    _C.MODEL.ROI_HEADS.OHEM.REMAINDER.TARGET = "ALL_ROIS"
+    # A RoI is drawn with probability proportional to (loss + SMOOTHING * mean loss) ** ALPHA
+    # (Katharopoulos & Fleuret, ICML 2018); ALPHA 0 draws uniformly, without replacement.
+    _C.MODEL.ROI_HEADS.OHEM.REMAINDER.ALPHA = 0.0
+    _C.MODEL.ROI_HEADS.OHEM.REMAINDER.SMOOTHING = 1.0
+    # k in [0, 1]: a drawn RoI's importance weight 1 / (|pool| q) is raised to k. 1: the
+    # minibatch loss is unbiased; 0: biased toward hard RoIs, the strata still at their shares.
+    _C.MODEL.ROI_HEADS.OHEM.REMAINDER.WEIGHT_EXPONENT = 1.0
     # A faster, approximate readonly pass (beyond the paper; off by default). The hard set
     # then differs slightly from the exact one (benchmarks/README.md measures how much).
     _C.MODEL.ROI_HEADS.OHEM.FAST_READONLY = CN()

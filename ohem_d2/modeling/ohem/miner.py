@@ -18,6 +18,7 @@ from .diagnostics import log_mining, nearest_gt_iou
 from .fast_readonly import build_readonly_approximation
 from .mining import select_hard_examples
 from .readonly_net import ReadonlyHead
+from .remainder import draw_remainder
 from .scoring import Approximation, Predictions, ReadonlyScorer
 from .settings import check_config_values, check_settings
 
@@ -41,7 +42,9 @@ class HardExampleMiner:
     Instances carry a bool field ``suspect_bg``.
 
     Beyond the paper, three protections against unlabelled objects (all off by default):
-    ``suspect_bg_weight``, ``trim_bg_fraction`` and ``easy_bg_fraction``.
+    ``suspect_bg_weight``, ``trim_bg_fraction`` and ``easy_bg_fraction``; and a weighted
+    random remainder (``remainder_num``, off by default): the hard Instances then carry a
+    float field ``ohem_weight``, each RoI's weight in the box losses.
     """
 
     @configurable
@@ -62,6 +65,11 @@ class HardExampleMiner:
         trim_bg_fraction: float = 0.0,
         easy_bg_fraction: float = 0.0,
         class_names: Sequence[str] | None = None,
+        remainder_num: int = 0,
+        remainder_fg_fraction: float | None = None,
+        remainder_alpha: float = 0.0,
+        remainder_smoothing: float = 1.0,
+        remainder_exponent: float = 1.0,
     ):
         """
         Args:
@@ -79,6 +87,10 @@ class HardExampleMiner:
                 (``num_easy_bg = floor(easy_bg_fraction * batch_size_per_image)``); 0: the paper.
             class_names: names of the K classes for the ``ohem/hard_set/`` keys (default
                 "class<k>").
+            remainder_num: RoIs per image drawn beyond a hard set of
+                ``batch_size_per_image - remainder_num`` (0: the paper); see
+                :func:`draw_remainder` for it and the other ``remainder_*`` arguments
+                (``remainder_fg_fraction`` is its ``target_fg_fraction``).
         """
         check_settings(
             batch_size_per_image=batch_size_per_image,
@@ -89,7 +101,30 @@ class HardExampleMiner:
             suspect_bg_max_iou=suspect_bg_max_iou,
             trim_bg_fraction=trim_bg_fraction,
             easy_bg_fraction=easy_bg_fraction,
+            remainder_num=remainder_num,
+            remainder_alpha=remainder_alpha,
+            remainder_smoothing=remainder_smoothing,
+            remainder_exponent=remainder_exponent,
         )
+        if remainder_num > batch_size_per_image:
+            raise ValueError(
+                f"remainder_num ({remainder_num}) must be at most batch_size_per_image "
+                f"({batch_size_per_image}) (config: MODEL.ROI_HEADS.OHEM.REMAINDER.NUM_PER_IMAGE, "
+                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE)"
+            )
+        if remainder_num and (trim_bg_fraction or easy_bg_fraction):
+            raise ValueError(
+                "MODEL.ROI_HEADS.OHEM.REMAINDER.NUM_PER_IMAGE > 0 cannot be combined with "
+                "TRIM_BG_FRACTION or EASY_BG_FRACTION: both change which background RoIs "
+                "the minibatch draws; set those to 0"
+            )
+        if remainder_fg_fraction is not None:
+            check_settings(sampler_fg_fraction=remainder_fg_fraction)
+        self.remainder_num = remainder_num
+        self.remainder_fg_fraction = remainder_fg_fraction
+        self.remainder_alpha = remainder_alpha
+        self.remainder_smoothing = remainder_smoothing
+        self.remainder_exponent = remainder_exponent
         self.batch_size_per_image = batch_size_per_image
         self.nms_thresh = nms_thresh
         self.nms_per_label = nms_per_label
@@ -131,6 +166,15 @@ class HardExampleMiner:
             "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
             "easy_bg_fraction": ohem.EASY_BG_FRACTION,
             "class_names": _train_class_names(cfg),
+            "remainder_num": ohem.REMAINDER.NUM_PER_IMAGE,
+            "remainder_fg_fraction": (
+                cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION
+                if ohem.REMAINDER.TARGET == "STOCK_SAMPLER"
+                else None
+            ),
+            "remainder_alpha": ohem.REMAINDER.ALPHA,
+            "remainder_smoothing": ohem.REMAINDER.SMOOTHING,
+            "remainder_exponent": ohem.REMAINDER.WEIGHT_EXPONENT,
         }
 
     def __call__(
@@ -176,10 +220,30 @@ class HardExampleMiner:
         suspects = self.suspect_background(proposals, predictions, box_predictor, ious)
         ranking_losses, ranking_labels = self.ranking(losses, suspects, proposals)
         kept = self.hard_indices(ranking_losses, proposals, background, ranking_labels)
+        weights = [None] * len(kept)
+        if self.remainder_num:
+            drawn = [
+                draw_remainder(
+                    loss,
+                    label,
+                    keep,
+                    num=self.remainder_num,
+                    background_label=background,
+                    target_fg_fraction=self.remainder_fg_fraction,
+                    alpha=self.remainder_alpha,
+                    smoothing=self.remainder_smoothing,
+                    weight_exponent=self.remainder_exponent,
+                )
+                for loss, label, (keep, _) in zip(losses, ranking_labels, kept)
+            ]
+            kept = [(keep, n_nms) for (keep, _), (_, n_nms) in zip(drawn, kept)]
+            weights = [w for _, w in drawn]
         hard = []
-        for props, suspect, (keep, _) in zip(proposals, suspects, kept):
+        for props, suspect, (keep, _), weight in zip(proposals, suspects, kept, weights):
             hard.append(props[keep])
             hard[-1].suspect_bg = suspect[keep]
+            if weight is not None:
+                hard[-1].ohem_weight = weight
         hard_losses = [loss[keep] for loss, (keep, _) in zip(losses, kept)]
         hard_ious = [iou[keep] for iou, (keep, _) in zip(ious, kept)]
         num_after_nms = [n_nms for _, n_nms in kept]
@@ -237,12 +301,15 @@ class HardExampleMiner:
         """
         if labels is None:
             labels = [p.gt_classes for p in proposals]
+        num_hard = self.batch_size_per_image - self.remainder_num
+        if num_hard == 0:  # the whole minibatch is drawn (remainder_num == batch size)
+            return [(label.new_zeros(0), 0) for label in labels]
         return [
             select_hard_examples(
                 loss,
                 props.proposal_boxes.tensor,
                 label,
-                batch_size=self.batch_size_per_image,
+                batch_size=num_hard,
                 nms_thresh=self.nms_thresh,
                 nms_per_label=self.nms_per_label,
                 background_label=background_label,
@@ -279,6 +346,11 @@ def check_ohem_config(cfg) -> None:
         "trim_bg_fraction": ohem.TRIM_BG_FRACTION,
         "easy_bg_fraction": ohem.EASY_BG_FRACTION,
         "prior_target": ohem.PRIOR_CORRECTION_TARGET,
+        "remainder_num": ohem.REMAINDER.NUM_PER_IMAGE,
+        "remainder_target": ohem.REMAINDER.TARGET,
+        "remainder_alpha": ohem.REMAINDER.ALPHA,
+        "remainder_smoothing": ohem.REMAINDER.SMOOTHING,
+        "remainder_exponent": ohem.REMAINDER.WEIGHT_EXPONENT,
     }
     if ohem.FAST_READONLY.MODE:
         values["rank"] = ohem.FAST_READONLY.RANK

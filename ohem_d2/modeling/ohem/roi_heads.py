@@ -19,6 +19,7 @@ Deployment is Detectron2's: tracing works for every head, and TorchScript script
 """
 
 import contextlib
+import functools
 
 import torch
 from detectron2.config import configurable
@@ -36,7 +37,7 @@ from torch import nn
 from .labelling import label_without_sampling
 from .miner import HardExampleMiner
 from .readonly_net import readonly_head
-from .scoring import check_box_predictor_supported
+from .scoring import check_box_predictor_supported, weighted_box_losses
 from .settings import check_settings
 
 __all__ = [
@@ -104,6 +105,13 @@ class OHEMHeadMixin:
         self.prior_per_class = prior_per_class
         self.sampler_fg_fraction = sampler_fg_fraction
         self._shift_scores = True  # False inside uncorrected()
+        if prior_correction and miner.remainder_num:
+            raise ValueError(
+                "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION cannot be combined with "
+                "MODEL.ROI_HEADS.OHEM.REMAINDER.NUM_PER_IMAGE > 0: the weighted remainder "
+                "already trains the classifier toward REMAINDER.TARGET's class make-up, not "
+                "the hard sets' that the correction undoes; turn one of them off"
+            )
         if prior_correction:
             if isinstance(predictors, nn.ModuleList):
                 raise ValueError(
@@ -224,6 +232,9 @@ class OHEMHeadMixin:
         if self.training:
             assert targets, "'targets' argument is required during training"
             proposals = self.mine_hard_examples(features, proposals, targets)
+            if _has_weights(proposals):
+                with _weighted_losses(self.box_predictor):
+                    return super().forward(images, features, proposals, targets)
         if torch.jit.is_scripting():
             # A static branch: the compiler never sees the super() call below. Detectron2
             # scripts with `training` frozen to False, so it drops the mining above too.
@@ -328,7 +339,11 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
                 hard, readonly_predictions = self.miner(
                     features, candidates, readonly_head(self, k)
                 )
-                stage_losses = predictor.losses(self._run_stage(features, hard, k), hard)
+                predictions = self._run_stage(features, hard, k)
+                if _has_weights(hard):
+                    stage_losses = weighted_box_losses(predictor, predictions, hard)
+                else:
+                    stage_losses = predictor.losses(predictions, hard)
             losses.update({f"{name}_stage{k}": v for name, v in stage_losses.items()})
             if k == 0:
                 first_stage_hard = hard
@@ -339,6 +354,27 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
                 candidates = self._create_proposals_from_boxes(refined_boxes, image_sizes)
                 candidates = self._match_and_label_boxes(candidates, k + 1, targets)
         return first_stage_hard, losses
+
+
+def _has_weights(instances) -> bool:
+    """Whether the mined RoIs carry the weights of the remainder (REMAINDER.NUM_PER_IMAGE)."""
+    return len(instances) > 0 and instances[0].has("ohem_weight")
+
+
+@contextlib.contextmanager
+def _weighted_losses(box_predictor):
+    """Inside the block, the box predictor's ``losses`` weigh each RoI by its
+    ``ohem_weight`` (:func:`weighted_box_losses`): the parent head's forward calls
+    ``box_predictor.losses`` itself, so this is where the weights can enter."""
+    saved = vars(box_predictor).get("losses")  # an instance's own, if someone set one
+    box_predictor.losses = functools.partial(weighted_box_losses, box_predictor)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del box_predictor.losses
+        else:
+            box_predictor.losses = saved
 
 
 def scores_as_trained(model):

@@ -24,8 +24,10 @@ __all__ = [
     "HARDNESS_CHOICES",
     "ReadonlyScorer",
     "check_box_predictor_supported",
+    "per_roi_loss_terms",
     "per_roi_losses",
     "readonly_mode",
+    "weighted_box_losses",
 ]
 
 SUPPORTED_BOX_REG_LOSSES = ("smooth_l1", "giou")
@@ -87,6 +89,50 @@ def _per_roi_box_loss(box_predictor, proposal_boxes, gt_boxes, fg_deltas):
     raise ValueError(f"OHEM: unsupported box regression loss type '{loss_type}'")
 
 
+def per_roi_loss_terms(
+    box_predictor: nn.Module,
+    predictions: Predictions,
+    proposals: Sequence[Instances],
+    *,
+    with_box: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each RoI's classification and box regression loss, before the predictor's loss
+    weights, differentiable; RoIs labelled -1 (ignored) get 0 in both.
+
+    Args: as :func:`per_roi_losses`; ``with_box`` False leaves the box term 0.
+
+    Returns:
+        (R,) classification loss and (R,) box regression loss (0 for background RoIs).
+    """
+    scores, deltas = predictions[0], predictions[1]
+    if len(proposals) == 0 or scores.shape[0] == 0:
+        zeros = scores.new_zeros(scores.shape[0])
+        return zeros, zeros
+    gt_classes = cat([p.gt_classes for p in proposals], dim=0)
+    ignored = gt_classes < 0
+    cls_loss = _per_roi_cls_loss(box_predictor, scores, gt_classes)
+    box_loss = torch.zeros_like(cls_loss)
+    if with_box:
+        num_classes = box_predictor.num_classes
+        fg = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes)).squeeze(1)
+        proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+        # Images without ground truth have no gt_boxes: all their RoIs are background.
+        gt_boxes = cat(
+            [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals],
+            dim=0,
+        )
+        box_dim = proposal_boxes.shape[1]
+        if deltas.shape[1] == box_dim:  # class-agnostic regression
+            fg_deltas = deltas[fg]
+        else:
+            fg_deltas = deltas.view(-1, num_classes, box_dim)[fg, gt_classes[fg]]
+        box_loss = box_loss.index_put(
+            (fg,), _per_roi_box_loss(box_predictor, proposal_boxes[fg], gt_boxes[fg], fg_deltas)
+        )
+    zero = torch.zeros_like(cls_loss)
+    return torch.where(ignored, zero, cls_loss), torch.where(ignored, zero, box_loss)
+
+
 @torch.no_grad()
 def per_roi_losses(
     box_predictor: nn.Module,
@@ -110,31 +156,37 @@ def per_roi_losses(
         RoIs); 0 for RoIs labelled -1 (ignored), which are never training examples.
     """
     check_settings(hardness=hardness)
-    scores, deltas = predictions[0], predictions[1]
-    if len(proposals) == 0 or scores.shape[0] == 0:
-        return scores.new_zeros(scores.shape[0])
-    gt_classes = cat([p.gt_classes for p in proposals], dim=0)
-    ignored = gt_classes < 0
-    losses = _loss_weight(box_predictor, "loss_cls") * _per_roi_cls_loss(
-        box_predictor, scores, gt_classes
+    cls_loss, box_loss = per_roi_loss_terms(
+        box_predictor, predictions, proposals, with_box=hardness == "cls+box"
     )
-    if hardness == "cls+box":
-        num_classes = box_predictor.num_classes
-        fg = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes)).squeeze(1)
-        proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
-        # Images without ground truth have no gt_boxes: all their RoIs are background.
-        gt_boxes = cat(
-            [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals],
-            dim=0,
-        )
-        box_dim = proposal_boxes.shape[1]
-        if deltas.shape[1] == box_dim:  # class-agnostic regression
-            fg_deltas = deltas[fg]
-        else:
-            fg_deltas = deltas.view(-1, num_classes, box_dim)[fg, gt_classes[fg]]
-        box_loss = _per_roi_box_loss(box_predictor, proposal_boxes[fg], gt_boxes[fg], fg_deltas)
-        losses[fg] += _loss_weight(box_predictor, "loss_box_reg") * box_loss
-    return torch.where(ignored, torch.zeros_like(losses), losses)
+    return (
+        _loss_weight(box_predictor, "loss_cls") * cls_loss
+        + _loss_weight(box_predictor, "loss_box_reg") * box_loss
+    )
+
+
+def weighted_box_losses(
+    box_predictor: nn.Module, predictions: Predictions, proposals: Sequence[Instances]
+) -> dict[str, torch.Tensor]:
+    """``loss_cls`` and ``loss_box_reg`` as :meth:`FastRCNNOutputLayers.losses` gives them,
+    with each RoI's term multiplied by its ``ohem_weight`` and the sum divided by the number
+    of images (each image's weights sum to about 1, where the predictor's own losses give
+    each of an image's B RoIs 1/B)."""
+    from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
+
+    scores = predictions[0]
+    _log_classification_stats(scores, cat([p.gt_classes for p in proposals], dim=0))
+    cls_loss, box_loss = per_roi_loss_terms(box_predictor, predictions, proposals)
+    weights = cat([p.ohem_weight for p in proposals], dim=0).to(scores)
+    num_images = max(len(proposals), 1)
+    return {
+        "loss_cls": _loss_weight(box_predictor, "loss_cls")
+        * (weights * cls_loss).sum()
+        / num_images,
+        "loss_box_reg": _loss_weight(box_predictor, "loss_box_reg")
+        * (weights * box_loss).sum()
+        / num_images,
+    }
 
 
 @contextlib.contextmanager

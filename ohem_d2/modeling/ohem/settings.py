@@ -51,6 +51,23 @@ _SETTINGS = {
         lambda v: v in PRIOR_TARGETS,
         f"one of {PRIOR_TARGETS}",
     ),
+    "remainder_num": (
+        _OHEM + "REMAINDER.NUM_PER_IMAGE",
+        lambda v: v >= 0,
+        ">= 0 (and at most MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE)",
+    ),
+    "remainder_target": (
+        _OHEM + "REMAINDER.TARGET",
+        lambda v: v in PRIOR_TARGETS,
+        f"one of {PRIOR_TARGETS}",
+    ),
+    "remainder_alpha": (_OHEM + "REMAINDER.ALPHA", lambda v: v >= 0, ">= 0"),
+    "remainder_smoothing": (_OHEM + "REMAINDER.SMOOTHING", lambda v: v >= 0, ">= 0"),
+    "remainder_exponent": (
+        _OHEM + "REMAINDER.WEIGHT_EXPONENT",
+        lambda v: 0 <= v <= 1,
+        "in [0, 1]",
+    ),
     # The stock sampler's foreground share, the target of PRIOR_CORRECTION_TARGET STOCK_SAMPLER.
     "sampler_fg_fraction": ("MODEL.ROI_HEADS.POSITIVE_FRACTION", lambda v: 0 < v < 1, "in (0, 1)"),
 }
