@@ -1,10 +1,14 @@
-"""Precision / recall / F1 at a score threshold and D-ECE, against a hand computation."""
+"""Precision / recall / F1 at a score threshold and D-ECE, against a hand computation; the
+per-class Platt scaling against a known map, and its cross-fitting."""
 
+import numpy as np
 import pytest
 from detectron2.structures import BoxMode
 
 from ohem_d2.engine.calibration import (
+    apply_platt,
     detection_ece,
+    fit_platt,
     match_detections,
     score_quality,
     threshold_statistics,
@@ -90,3 +94,30 @@ def test_score_quality_keys_and_unknown_image():
     }
     with pytest.raises(ValueError, match="not in the dataset"):
         match_detections([_det(7, 0, [0, 0, 1, 1], 0.5)], DATASET)
+
+
+def test_platt_recovers_a_known_calibration_map():
+    """Detections whose true chance of matching is sigmoid(2 logit(s) - 1): the fit finds
+    a = 2, b = -1; a class without detections keeps the identity."""
+    from scipy.special import expit, logit
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.02, 0.98, 20000)
+    matched = rng.uniform(size=scores.size) < expit(2 * logit(scores) - 1)
+    params = fit_platt(scores, matched, np.zeros(scores.size, int), 2)
+    assert params[0] == pytest.approx([2.0, -1.0], abs=0.1)
+    assert params[1].tolist() == [1.0, 0.0]
+    assert apply_platt([0.3, 0.7], [1, 1], params) == pytest.approx([0.3, 0.7])
+
+
+def test_cross_fitting_scores_each_half_by_the_other():
+    """Even images: one detection on a true box; odd images: one on nothing. Each half is
+    scored by the map fitted on the other, so the even ones (fitted on misses) sink below
+    the kept range and the odd ones (fitted on hits) rise."""
+    from studies.calibration import cross_fitted
+
+    dataset = [_record(i, [(0, [0, 0, 10, 10])] if i % 2 == 0 else []) for i in range(8)]
+    detections = [_det(i, 0, [0, 0, 10, 10], 0.3) for i in range(8)]
+    out = {d["image_id"]: d["score"] for d in cross_fitted(detections, dataset, 1)}
+    assert all(out[i] > 0.5 for i in range(1, 8, 2))
+    assert all(out.get(i, 0.0) < 0.3 for i in range(0, 8, 2))

@@ -13,7 +13,15 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
-__all__ = ["detection_ece", "match_detections", "score_quality", "threshold_statistics"]
+__all__ = [
+    "apply_platt",
+    "detection_ece",
+    "fit_platt",
+    "match_detections",
+    "matched_flags",
+    "score_quality",
+    "threshold_statistics",
+]
 
 
 def _contiguous_class(meta):
@@ -33,8 +41,8 @@ def _gt_boxes(record):
     return torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), torch.tensor(classes)
 
 
-def match_detections(detections, dataset_dicts, *, iou_thresh=0.5, dataset_name=None):
-    """Match COCO-format detections to the ground truth of `dataset_dicts`.
+def matched_flags(detections, dataset_dicts, *, iou_thresh=0.5, dataset_name=None):
+    """Whether each of `detections` matched a ground-truth box, in their order.
 
     Args:
         detections: dicts with "image_id", "category_id", "bbox" (XYWH) and "score".
@@ -43,21 +51,23 @@ def match_detections(detections, dataset_dicts, *, iou_thresh=0.5, dataset_name=
         dataset_name: its metadata maps "category_id" to the class index, if it has a map.
 
     Returns:
-        scores: (D,) float64 scores, descending.
-        matched: (D,) bool, whether each detection matched a ground-truth box.
+        matched: (D,) bool, aligned with `detections`.
         num_gt: the number of ground-truth boxes (crowd boxes left out).
     """
     to_class = _contiguous_class(MetadataCatalog.get(dataset_name) if dataset_name else None)
     per_image = {}
-    for d in detections:
-        per_image.setdefault(d["image_id"], []).append(d)
-    scores, matched, num_gt = [], [], 0
+    for index, d in enumerate(detections):
+        per_image.setdefault(d["image_id"], []).append(index)
+    matched, num_gt = np.zeros(len(detections), dtype=bool), 0
     for record in dataset_dicts:
         gt_boxes, gt_classes = _gt_boxes(record)
         num_gt += len(gt_classes)
-        dets = sorted(per_image.pop(record["image_id"], []), key=lambda d: -d["score"])
-        if not dets:
+        indices = sorted(
+            per_image.pop(record["image_id"], []), key=lambda i: -detections[i]["score"]
+        )
+        if not indices:
             continue
+        dets = [detections[i] for i in indices]
         boxes = torch.tensor(
             [BoxMode.convert(d["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS) for d in dets],
             dtype=torch.float64,
@@ -66,21 +76,24 @@ def match_detections(detections, dataset_dicts, *, iou_thresh=0.5, dataset_name=
         classes = torch.tensor([to_class(d["category_id"]) for d in dets])
         # A ground-truth box of another class, or one already taken, cannot be matched.
         iou[classes[:, None] != gt_classes[None, :]] = -1
-        for i, d in enumerate(dets):
-            best = int(iou[i].argmax()) if iou.shape[1] else -1
-            hit = best >= 0 and bool(iou[i, best] >= iou_thresh)
-            if hit:
+        for row, index in enumerate(indices):
+            best = int(iou[row].argmax()) if iou.shape[1] else -1
+            if best >= 0 and bool(iou[row, best] >= iou_thresh):
                 iou[:, best] = -1
-            scores.append(d["score"])
-            matched.append(hit)
+                matched[index] = True
     if per_image:
         raise ValueError(f"detections for images not in the dataset: {sorted(per_image)[:5]}")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return (
-        np.asarray(scores, dtype=np.float64)[order],
-        np.asarray(matched, dtype=bool)[order],
-        num_gt,
+    return matched, num_gt
+
+
+def match_detections(detections, dataset_dicts, *, iou_thresh=0.5, dataset_name=None):
+    """:func:`matched_flags`, as (scores descending, their matched flags, num_gt)."""
+    matched, num_gt = matched_flags(
+        detections, dataset_dicts, iou_thresh=iou_thresh, dataset_name=dataset_name
     )
+    scores = np.asarray([d["score"] for d in detections], dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], matched[order], num_gt
 
 
 def threshold_statistics(scores, matched, num_gt, num_images, *, score_thresh=0.5):
@@ -125,3 +138,48 @@ def score_quality(detections, dataset_dicts, *, dataset_name=None, score_thresh=
     out = {f"{k}@{score_thresh:g}": v for k, v in stats.items()}
     out["d_ece"] = detection_ece(scores, matched)
     return out
+
+
+def _logit(scores):
+    p = np.clip(np.asarray(scores, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit_platt(scores, matched, classes, num_classes, *, l2=1e-3):
+    """Per-class Platt scaling of detection scores (Platt 1999; per class as in Küppers et
+    al., CVPR-W 2020): s' = sigmoid(a_c * logit(s) + b_c), fitted by maximum likelihood to
+    whether each detection matched, with a weak pull of (a_c, b_c) toward the identity
+    (1, 0) so that a class whose detections all match (or none) stays finite.
+
+    Args:
+        scores, matched, classes: per detection (classes in [0, num_classes)).
+
+    Returns:
+        (num_classes, 2) float64 array of (a_c, b_c); (1, 0) for a class without detections.
+    """
+    from scipy.optimize import minimize
+    from scipy.special import log_expit
+
+    params = np.tile([1.0, 0.0], (num_classes, 1))
+    x_all, y_all, c_all = _logit(scores), np.asarray(matched, float), np.asarray(classes)
+    for c in range(num_classes):
+        x, y = x_all[c_all == c], y_all[c_all == c]
+        if len(x) == 0:
+            continue
+
+        def loss(ab, x=x, y=y):
+            z = ab[0] * x + ab[1]
+            nll = -(y * log_expit(z) + (1 - y) * log_expit(-z)).sum()
+            return nll + l2 * len(x) * ((ab[0] - 1) ** 2 + ab[1] ** 2)
+
+        params[c] = minimize(loss, params[c], method="BFGS").x
+    return params
+
+
+def apply_platt(scores, classes, params):
+    """The calibrated scores sigmoid(a_c * logit(s) + b_c) of :func:`fit_platt`."""
+    from scipy.special import expit
+
+    params = np.asarray(params, dtype=np.float64)
+    classes = np.asarray(classes)
+    return expit(params[classes, 0] * _logit(scores) + params[classes, 1])

@@ -165,17 +165,15 @@ def build_detection_evaluator(dataset_name: str, output_dir: str, cfg=None) -> D
     return DatasetEvaluators(evaluators)
 
 
-def detection_cap_statistics(results_file: str, num_images: int) -> dict:
-    """What the per-image cap (``TEST.DETECTIONS_PER_IMAGE``) kept, from the detections that
-    :class:`COCOEvaluator` wrote (``coco_instances_results.json``).
+def cap_statistics(detections, num_images: int) -> dict:
+    """What the per-image cap (``TEST.DETECTIONS_PER_IMAGE``) kept, from COCO-format
+    detections (as :class:`COCOEvaluator` writes them to ``coco_instances_results.json``).
 
     Returns:
         ``mean_detections_per_image`` (over all ``num_images``, those without detections
         included) and ``median_lowest_kept_score``: the cap's bar, the median over images with
         detections of the lowest score an image keeps (None without any detection).
     """
-    with open(results_file) as f:
-        detections = json.load(f)
     lowest = {}
     for d in detections:
         lowest[d["image_id"]] = min(d["score"], lowest.get(d["image_id"], math.inf))
@@ -183,3 +181,9 @@ def detection_cap_statistics(results_file: str, num_images: int) -> dict:
         "mean_detections_per_image": len(detections) / max(num_images, 1),
         "median_lowest_kept_score": statistics.median(lowest.values()) if lowest else None,
     }
+
+
+def detection_cap_statistics(results_file: str, num_images: int) -> dict:
+    """:func:`cap_statistics` of the detections in a ``coco_instances_results.json``."""
+    with open(results_file) as f:
+        return cap_statistics(json.load(f), num_images)
