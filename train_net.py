@@ -14,7 +14,7 @@ import sys
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 import ohem_d2
@@ -64,22 +64,39 @@ def main(args):
     return trainer.train()
 
 
+def scaled_batch(cfg, world_size):
+    """SOLVER.IMS_PER_BATCH after Detectron2's auto_scale_workers for `world_size` processes
+    (DistributedSetupError where the scaling itself cannot be done)."""
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if reference and cfg.SOLVER.IMS_PER_BATCH % reference:
+        raise DistributedSetupError(
+            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by "
+            f"SOLVER.REFERENCE_WORLD_SIZE ({reference}), the processes it was set for."
+        )
+    return DefaultTrainer.auto_scale_workers(cfg, world_size).SOLVER.IMS_PER_BATCH
+
+
 def check_setup(args):
     """Fail before the launch, with a message naming the option, where the workers would
     fail; return the line that says which processes will run."""
     # Registered here too, so that a bad dataset argument fails before the launch.
     register_datasets(args)
+    world_size = args.num_gpus * args.num_machines
     if is_lazy_config(args.config_file):
         from ohem_d2.engine.lazy import load_lazy_config
 
         lazy = load_lazy_config(args.config_file, args.opts)
         device, ims_per_batch, cfg = lazy.train.device, lazy.dataloader.train.total_batch_size, None
-        device_key, batch_key = "train.device", "dataloader.train.total_batch_size"
+        device_key, batch_key, hint = "train.device", "dataloader.train.total_batch_size", ""
     else:
         cfg = build_cfg(args)
-        device, ims_per_batch = cfg.MODEL.DEVICE, cfg.SOLVER.IMS_PER_BATCH
-        device_key, batch_key = "MODEL.DEVICE", "SOLVER.IMS_PER_BATCH"
-    world_size = args.num_gpus * args.num_machines
+        device, device_key, batch_key = cfg.MODEL.DEVICE, "MODEL.DEVICE", "SOLVER.IMS_PER_BATCH"
+        # The batch the workers will split: Trainer scales it first (auto_scale_workers).
+        ims_per_batch = scaled_batch(cfg, world_size)
+        hint = (
+            " Or set SOLVER.REFERENCE_WORLD_SIZE to the number of processes the batch and "
+            "schedule were set for: Detectron2 then scales them to this run's."
+        )
     processes = check_devices(
         device,
         num_processes=args.num_gpus,
@@ -89,6 +106,7 @@ def check_setup(args):
         cuda_device_count=torch.cuda.device_count(),
         device_key=device_key,
         batch_key=batch_key,
+        hint=hint,
     )
     check_dist_url(args.dist_url, world_size=world_size, machine_rank=args.machine_rank)
     if cfg is not None:

@@ -22,11 +22,13 @@ recorded and the next still runs); its output goes to the terminal and to
    ``--device cuda``; its JSON line is saved as ``<output-dir>/bench_train_step_vgg16.json``.
    Figures: s/iter and peak memory (``torch.cuda.max_memory_allocated``) of each method,
    the OHEM / FRCN ratios, beside the paper's Table 2.
-3. ``ddp``: ``train_net.py --num-gpus N`` (N = ``torch.cuda.device_count()``, NCCL; one
-   GPU gives a single process) on the toy OHEM config with ``MODEL.DEVICE cuda`` for a few
-   iterations, no evaluation; the toy dataset is generated on first use, as
-   ``train_net.py`` does. Figures: the processes line, the world size, the last logged
-   s/iter, whether model_final.pth exists.
+3. ``ddp``: the card's command, ``train_net.py --config-file configs/frcn_vgg16_ohem.yaml
+   --num-gpus N`` (N = ``torch.cuda.device_count()``, NCCL; one GPU gives a single
+   process) with ``MODEL.DEVICE cuda``, overridden only for its data (the toy set, generated
+   on first use as ``train_net.py`` does; random initial weights) and its length (40
+   iterations after Detectron2 scales the schedule to N processes), then evaluated on the
+   toy test split. Figures: the processes line, the world size, the scaled batch and
+   learning rate, the last logged s/iter, whether model_final.pth exists.
 4. ``demo``: the demo, ``python -m ohem_d2.demo --device cuda --output-dir
    <output-dir>/demo``. Figures: mAP50, COCO AP, s/iter and peak CUDA memory of each
    method, from the summary.json it writes (if it stopped early, from those of the methods
@@ -78,9 +80,29 @@ PAPER_TABLE2_VGG16 = {
 # (tests/helpers.py).
 STEP_ENV = {"tests": {"OHEM_D2_TEST_DEVICE": "cuda"}}
 
-DDP_CONFIG = "configs/toy/ohem.yaml"
-DDP_ITERS = 40
-DDP_IMS_PER_GPU = 2
+# The card's command (README, train_net.py): the paper's OHEM config, its batch and schedule
+# scaled to the processes by Detectron2's rule (SOLVER.REFERENCE_WORLD_SIZE 1).
+CARD_CONFIG = "configs/frcn_vgg16_ohem.yaml"
+DDP_ITERS = 40  # iterations after the scaling
+
+
+def card_overrides(num_gpus, train_proposals, test_proposals, out, iters=DDP_ITERS):
+    """The overrides of the card's command that only change its data (the toy set), its
+    length (`iters` iterations on `num_gpus` processes) and where it writes."""
+    from ohem_d2.data.toy import TOY_CLASS_NAMES
+
+    return [
+        "DATASETS.TRAIN", "('ohem_toy_trainval',)",
+        "DATASETS.TEST", "('ohem_toy_test',)",
+        "DATASETS.PROPOSAL_FILES_TRAIN", f"('{train_proposals}',)",
+        "DATASETS.PROPOSAL_FILES_TEST", f"('{test_proposals}',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(len(TOY_CLASS_NAMES)),
+        # No ImageNet weights are downloaded: random initialisation.
+        "MODEL.WEIGHTS", "",
+        "MODEL.BACKBONE.FREEZE_AT", "0",
+        "SOLVER.MAX_ITER", str(iters * num_gpus),
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -108,27 +130,25 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------ commands
 
 
-def toy_train_proposals():
-    """The toy dataset's training proposals where train_net.py generates that dataset
-    ($DETECTRON2_DATASETS/ohem_toy, default datasets/ohem_toy)."""
+def toy_proposals():
+    """The toy dataset's training and test proposals where train_net.py generates that
+    dataset ($DETECTRON2_DATASETS/ohem_toy, default datasets/ohem_toy)."""
     root = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_toy")
-    return os.path.join(root, "proposals", "ss_ohem_toy_trainval.npz")
+    return tuple(
+        os.path.join(root, "proposals", f"ss_ohem_toy_{split}.npz")
+        for split in ("trainval", "test")
+    )
 
 
 def commands(out, num_gpus):
     """{step: command} for the output folder `out` (absolute) and `num_gpus` processes."""
     py = sys.executable
-    ddp_opts = {
-        "MODEL.DEVICE": "cuda",
-        "SOLVER.MAX_ITER": str(DDP_ITERS),
-        "SOLVER.IMS_PER_BATCH": str(DDP_IMS_PER_GPU * num_gpus),
-        "DATASETS.PROPOSAL_FILES_TRAIN": f"('{toy_train_proposals()}',)",
-        "DATASETS.TEST": "()",
-        "DATASETS.PROPOSAL_FILES_TEST": "()",
-        "OUTPUT_DIR": os.path.join(out, "ddp"),
-    }
-    ddp = [py, "train_net.py", "--num-gpus", str(num_gpus), "--dist-url", "auto"]
-    ddp += ["--config-file", DDP_CONFIG, *(x for kv in ddp_opts.items() for x in kv)]
+    ddp = [py, "train_net.py", "--config-file", CARD_CONFIG, "--num-gpus", str(num_gpus)]
+    ddp += [
+        "MODEL.DEVICE",
+        "cuda",
+        *card_overrides(num_gpus, *toy_proposals(), os.path.join(out, "ddp")),
+    ]
     return {
         "tests": [py, "-m", "pytest", "-q", "-rfE", "tests"],
         "train_step": [py, "-m", TRAIN_STEP_MODULE, *TRAIN_STEP_ARGS, "--device", "cuda", "--json"],
@@ -199,6 +219,11 @@ def ddp_figures(output, output_dir):
     figures["processes"] = m.group(1).strip() if m else None
     sizes = re.findall(r"World size: (\d+)", output)
     figures["world_size"] = int(sizes[-1]) if sizes else None
+    # Detectron2's auto_scale_workers line: the batch and schedule it scaled to.
+    m = re.search(r"Auto-scaling the config to batch_size=(\d+), learning_rate=([\d.e-]+)", output)
+    figures["scaled_batch"], figures["scaled_lr"] = (
+        (int(m.group(1)), float(m.group(2))) if m else (None, None)
+    )
     times = []
     metrics = os.path.join(output_dir, "metrics.json")
     if os.path.isfile(metrics):

@@ -8,7 +8,6 @@ import sys
 import time
 
 import psutil
-import pytest
 from helpers import NO_GPU_ENV, REPO, run_train_net, toy_overrides
 
 FAST = [
@@ -67,7 +66,6 @@ def _finish(proc, timeout):
         raise AssertionError(f"the job did not end within {timeout} s: a hang") from None
 
 
-@pytest.mark.slow  # about a minute; the failure path is also covered by the next test
 def test_killed_rank_ends_the_job(small_toy_root, tmp_path):
     proc, log = _start(small_toy_root, tmp_path / "out", "SOLVER.MAX_ITER", 500)
     try:

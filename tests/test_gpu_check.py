@@ -82,8 +82,10 @@ def test_dry_run_records_the_four_commands(tmp_path):
     num_gpus = int(ddp[ddp.index("--num-gpus") + 1])
     assert num_gpus == max(torch.cuda.device_count(), 1)
     assert ddp[ddp.index("MODEL.DEVICE") + 1] == "cuda"
-    assert ddp[ddp.index("--config-file") + 1] == "configs/toy/ohem.yaml"
-    assert int(ddp[ddp.index("SOLVER.IMS_PER_BATCH") + 1]) % num_gpus == 0
+    # The card's command, its schedule 40 iterations once scaled to the processes.
+    assert ddp[ddp.index("--config-file") + 1] == "configs/frcn_vgg16_ohem.yaml"
+    assert int(ddp[ddp.index("SOLVER.MAX_ITER") + 1]) == 40 * num_gpus
+    assert "SOLVER.IMS_PER_BATCH" not in ddp
     assert ddp[ddp.index("OUTPUT_DIR") + 1] == str(out / "ddp")
 
     demo = steps["demo"]["command"]
@@ -118,8 +120,8 @@ def test_ddp_reads_the_proposals_train_net_generates(monkeypatch, tmp_path):
         else:
             monkeypatch.setenv("DETECTRON2_DATASETS", root)
         # The project's own file name for the default toy dataset (root None).
-        expected = toy_overrides(None)[1]
-        assert f"('{gpu_check.toy_train_proposals()}',)" == expected
+        expected = toy_overrides(None)[1::2]
+        assert [f"('{p}',)" for p in gpu_check.toy_proposals()] == expected
 
 
 def test_pytest_figures():
@@ -201,6 +203,8 @@ def test_ddp_figures(tmp_path):
     output = (
         "Processes on this machine: 2 CUDA process(es) (nccl)\n"
         "[12/06 10:00:00 detectron2]: Rank of current process: 0. World size: 2\n"
+        "[12/06 10:00:01 d2.engine.defaults]: Auto-scaling the config to batch_size=4, "
+        "learning_rate=0.002, max_iter=40, warmup=0.\n"
     )
     metrics = [
         {"data_time": 0.01, "iteration": 19, "time": 0.31, "total_loss": 1.2},
@@ -212,6 +216,8 @@ def test_ddp_figures(tmp_path):
     assert figures == {
         "processes": "2 CUDA process(es) (nccl)",
         "world_size": 2,
+        "scaled_batch": 4,
+        "scaled_lr": 0.002,
         "last_logged_iteration": 39,
         "s_per_iter": 0.12,
         "model_final": True,

@@ -165,3 +165,11 @@ def test_uncorrected_gives_the_scores_as_trained():
     assert any(
         len(a) != len(b) or not torch.allclose(a.scores, b.scores) for a, b in zip(shifted, ref)
     )
+
+
+def test_sigmoid_scores_are_refused_naming_both_keys():
+    cfg = _cfg(NAME)
+    cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION = True
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
+    with pytest.raises(ValueError, match="PRIOR_CORRECTION.*USE_SIGMOID_CE"):
+        _build(cfg)

@@ -52,6 +52,7 @@ def check_devices(
     cuda_device_count: int,
     device_key: str = "MODEL.DEVICE",
     batch_key: str = "SOLVER.IMS_PER_BATCH",
+    hint: str = "",
 ) -> str:
     """Refuse, before any process starts, a device set-up that would fail inside the workers.
 
@@ -65,6 +66,7 @@ def check_devices(
             "SOLVER.IMS_PER_BATCH" (YAML, overridden as ``MODEL.DEVICE cpu``), or
             "train.device" and "dataloader.train.total_batch_size" (LazyConfig,
             ``train.device=cpu``).
+        hint: a sentence added to the batch's message (another way to fix it).
 
     Returns:
         One line saying what will run, e.g. "2 CPU process(es) (gloo): MODEL.DEVICE cpu".
@@ -96,7 +98,8 @@ def check_devices(
     if ims_per_batch % world_size != 0:
         raise DistributedSetupError(
             f"{batch_key} ({ims_per_batch}) must be divisible by the number of "
-            f"processes ({world_size} = --num-gpus x --num-machines): each takes an equal share."
+            f"processes ({world_size} = --num-gpus x --num-machines): each takes an equal "
+            f"share.{hint}"
         )
     if device.startswith("cuda"):
         backend = "nccl" if num_processes > 1 else "single process"

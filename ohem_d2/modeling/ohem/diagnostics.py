@@ -7,6 +7,8 @@ from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
+from .distributed import sum_over_processes
+
 __all__ = ["IOU_BIN_NAMES", "iou_bin", "log_mining", "nearest_gt_iou"]
 
 # The hard background's IoU with its nearest ground truth falls in one of these bins: exactly
@@ -37,7 +39,9 @@ def iou_bin(ious: torch.Tensor) -> torch.Tensor:
 def log_mining(
     proposals, losses, hard, hard_losses, hard_ious, num_after_nms, suspects, background, names
 ):
-    """Log one batch's mining.
+    """Log one batch's mining, over the images of every process (the sums behind each value
+    are added over the processes first, so that the logged values describe the whole batch,
+    not rank 0's share of it).
 
     ``ohem/num_candidates`` and ``ohem/mean_loss_all`` describe the labelled candidates as
     the matcher made them, before any option removes suspects.
@@ -51,36 +55,53 @@ def log_mining(
         background: the background label K; ``names``: the K class names, or None
             ("class<k>"; also when their number is not K).
     """
-    storage = get_event_storage()
     candidate = torch.cat([p.gt_classes for p in proposals]) >= 0
     candidate_losses = torch.cat(losses)[candidate]
     hard_losses = torch.cat(hard_losses)
     labels = torch.cat([h.gt_classes for h in hard])
-    num_images = len(proposals)
-    total = max(labels.numel(), 1)
-    storage.put_scalar("ohem/num_candidates", candidate_losses.numel() / num_images)
-    storage.put_scalar("ohem/num_after_nms", sum(num_after_nms) / num_images)
-    storage.put_scalar("ohem/fg_fraction", int((labels != background).sum()) / total)
-    storage.put_scalar("ohem/mean_loss_all", _mean(candidate_losses))
-    storage.put_scalar("ohem/mean_loss_hard", _mean(hard_losses))
-
-    # One bincount (one device sync) per histogram: this runs every iteration.
-    counts = torch.bincount(labels, minlength=background + 1).tolist()
+    is_bg = labels == background
+    device = candidate_losses.device
+    # One vector of sums, reduced over the processes at once (one sync per iteration).
+    sums = torch.cat(
+        [
+            torch.tensor(
+                [
+                    len(proposals),
+                    candidate_losses.numel(),
+                    sum(num_after_nms),
+                    labels.numel(),
+                    int(torch.cat([h.suspect_bg for h in hard]).sum()),
+                    int(sum(s.sum() for s in suspects)) if suspects else 0,
+                ],
+                dtype=torch.float64,
+                device=device,
+            ),
+            candidate_losses.double().sum().reshape(1),
+            hard_losses.double().sum().reshape(1),
+            torch.bincount(labels, minlength=background + 1).double(),
+            torch.bincount(
+                iou_bin(torch.cat(hard_ious)[is_bg]), minlength=len(IOU_BIN_NAMES)
+            ).double(),
+        ]
+    )
+    sums = sum_over_processes(sums).tolist()
+    num_images, num_candidates, num_nms, num_hard, hard_suspects, num_suspects = sums[:6]
+    loss_all, loss_hard = sums[6:8]
+    counts = sums[8 : 9 + background]
+    bin_counts = sums[9 + background :]
+    storage = get_event_storage()
+    total = max(num_hard, 1)
+    storage.put_scalar("ohem/num_candidates", num_candidates / num_images)
+    storage.put_scalar("ohem/num_after_nms", num_nms / num_images)
+    storage.put_scalar("ohem/fg_fraction", (num_hard - counts[background]) / total)
+    storage.put_scalar("ohem/mean_loss_all", loss_all / max(num_candidates, 1))
+    storage.put_scalar("ohem/mean_loss_hard", loss_hard / total)
     if names is None or len(names) != background:
         names = [f"class{k}" for k in range(background)]
     for k, name in enumerate(list(names) + ["background"]):
         storage.put_scalar(f"ohem/hard_set/{name}", counts[k] / total)
-    is_bg = labels == background
     num_bg = max(counts[background], 1)
-    bins = iou_bin(torch.cat(hard_ious)[is_bg])
-    bin_counts = torch.bincount(bins, minlength=len(IOU_BIN_NAMES)).tolist()
     for name, count in zip(IOU_BIN_NAMES, bin_counts):
         storage.put_scalar(f"ohem/hard_bg_iou/{name}", count / num_bg)
-    hard_suspects = int(torch.cat([h.suspect_bg for h in hard]).sum())
     storage.put_scalar("ohem/hard_bg_suspect", hard_suspects / num_bg)
-    num_suspects = int(sum(s.sum() for s in suspects)) if suspects else 0
     storage.put_scalar("ohem/num_suspect_candidates", num_suspects / num_images)
-
-
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else 0.0

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .distributed import sum_over_processes
 from .settings import FAST_READONLY_MODES, check_settings
 
 __all__ = ["FAST_READONLY_MODES", "LowRankReadonly", "build_readonly_approximation"]
@@ -49,8 +50,14 @@ class _LowRankLinear:
         return F.linear(F.linear(x, self.down), self.up, bias)
 
     def refresh(self) -> None:
-        """Factors from the principal directions of the calibration pass's outputs."""
-        if self.second_moment is None:  # the layer did not run (e.g. no RoI at all)
+        """Factors from the principal directions of the calibration pass's outputs, those of
+        every process (so that every process keeps the same factors)."""
+        if self.second_moment is None:  # the layer did not run here (e.g. no RoI at all)
+            out = self.weight.shape[0]
+            self.second_moment = self.weight.new_zeros((out, out), dtype=torch.float32)
+        sum_over_processes(self.second_moment)
+        if not bool(self.second_moment.any()):  # it ran nowhere
+            self.second_moment = None
             return
         start = None if self.up is None else self.up.to(self.second_moment.dtype)
         basis = _top_eigenvectors(self.second_moment, self.rank, start).to(self.weight.dtype)

@@ -31,9 +31,11 @@ from detectron2.modeling.roi_heads import (
     StandardROIHeads,
 )
 from detectron2.structures import ImageList, Instances
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from .distributed import sum_over_processes
 from .labelling import label_without_sampling
 from .miner import HardExampleMiner
 from .readonly_net import readonly_head
@@ -118,6 +120,12 @@ class OHEMHeadMixin:
                     "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION supports single-stage heads "
                     f"(OHEMROIHeads, OHEMRes5ROIHeads), not {type(self).__name__}"
                 )
+            if getattr(predictors, "use_sigmoid_ce", False):
+                raise ValueError(
+                    "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION shifts softmax logits by a log "
+                    "prior ratio, which does not hold for independent sigmoid scores "
+                    "(MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE True); turn one of them off"
+                )
             # Only with the option on, so that a paper-OHEM model's state_dict is the
             # parent head's, key for key. int64: model.to(dtype) leaves them exact.
             counts = torch.zeros(self.num_classes + 1, dtype=torch.int64)
@@ -181,14 +189,20 @@ class OHEMHeadMixin:
 
     @torch.no_grad()
     def _count_classes(self, candidates, hard):
-        """Add the classes of all labelled candidates and of the hard sets to the counts."""
+        """Add the classes of all labelled candidates and of the hard sets to the counts, those
+        of every process's images: each process adds the same sums, so the counts stay equal
+        on every process, and a checkpoint (rank 0's) holds them all."""
+        increments = []
         for buffer, instances in (
             (self.ohem_class_counts_all, candidates),
             (self.ohem_class_counts_hard, hard),
         ):
             labels = torch.cat([x.gt_classes for x in instances])
             labels = labels[labels >= 0]
-            buffer += torch.bincount(labels, minlength=buffer.numel()).to(buffer)
+            increments.append(torch.bincount(labels, minlength=buffer.numel()).to(buffer))
+        increments = sum_over_processes(torch.stack(increments))
+        self.ohem_class_counts_all += increments[0]
+        self.ohem_class_counts_hard += increments[1]
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
         """Detectron2's subsampling hook: here every proposal is kept (OHEM selects later)."""
@@ -235,6 +249,8 @@ class OHEMHeadMixin:
             if _has_weights(proposals):
                 with _weighted_losses(self.box_predictor):
                     return super().forward(images, features, proposals, targets)
+            hard, losses = super().forward(images, features, proposals, targets)
+            return hard, _global_mean(losses, ("loss_cls", "loss_box_reg"), proposals)
         if torch.jit.is_scripting():
             # A static branch: the compiler never sees the super() call below. Detectron2
             # scripts with `training` frozen to False, so it drops the mining above too.
@@ -344,6 +360,7 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
                     stage_losses = weighted_box_losses(predictor, predictions, hard)
                 else:
                     stage_losses = predictor.losses(predictions, hard)
+                    stage_losses = _global_mean(stage_losses, ("loss_cls", "loss_box_reg"), hard)
             losses.update({f"{name}_stage{k}": v for name, v in stage_losses.items()})
             if k == 0:
                 first_stage_hard = hard
@@ -354,6 +371,26 @@ class OHEMCascadeROIHeads(OHEMHeadMixin, CascadeROIHeads):
                 candidates = self._create_proposals_from_boxes(refined_boxes, image_sizes)
                 candidates = self._match_and_label_boxes(candidates, k + 1, targets)
         return first_stage_hard, losses
+
+
+def _global_mean(losses, keys, hard):
+    """The box losses as means over the hard RoIs of every process, not of this one's.
+
+    Detectron2's losses are means over a process's RoIs, and DDP averages them over the
+    processes: with hard sets of unequal sizes (the NMS can leave fewer than
+    BATCH_SIZE_PER_IMAGE), N processes would then train otherwise than one process on the
+    same images. Scaling each process's mean by its share of the RoIs makes DDP's average the
+    mean over all of them. A no-op in a single process.
+    """
+    if comm.get_world_size() == 1:
+        return losses
+    count = sum(len(h) for h in hard)
+    device = next(iter(losses.values())).device
+    total = float(sum_over_processes(torch.tensor([float(count)], device=device)))
+    if total == 0:
+        return losses
+    scale = count * comm.get_world_size() / total
+    return {k: v * scale if k in keys else v for k, v in losses.items()}
 
 
 def _has_weights(instances) -> bool:
