@@ -49,18 +49,20 @@ def on_device(x):
     return x.to(DEVICE) if hasattr(x, "to") else x
 
 
-def run_train_net(args, datasets_root, timeout=600, no_gpu=False):
-    """Run train_net.py in a subprocess with DETECTRON2_DATASETS=datasets_root; `no_gpu`
+def run_train_net(args, datasets_root, timeout=600, no_gpu=False, script="train_net.py", env=()):
+    """Run train_net.py (or another `script` of the repository with its command line) in a
+    subprocess with DETECTRON2_DATASETS=datasets_root and the variables `env`; `no_gpu`
     hides the GPUs from it (NO_GPU_ENV): on a machine without one, that changes nothing.
 
     Returns the CompletedProcess (stdout and stderr merged into stdout)."""
-    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore")
+    variables = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore")
+    variables.update(env)
     if no_gpu:
-        env.update(NO_GPU_ENV)
+        variables.update(NO_GPU_ENV)
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py"), *map(str, args)],
+        [sys.executable, os.path.join(REPO, script), *map(str, args)],
         cwd=REPO,
-        env=env,
+        env=variables,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

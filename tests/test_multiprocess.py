@@ -4,26 +4,16 @@ x 2 images (the hard sets, the losses, the weights and the prior-correction coun
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import NO_GPU_ENV, REPO, run_train_net, toy_overrides
+from helpers import FAST, run_train_net, toy_overrides
 
 from benchmarks.gpu_check import card_overrides
 from ohem_d2.data.toy import toy_proposal_file
 from ohem_d2.proposals.toy import generate_toy_dataset
 
-SMALL = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", 200,
-    "INPUT.MIN_SIZE_TEST", 128,
-    "INPUT.MAX_SIZE_TEST", 200,
-    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN", 300,
-    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", 300,
-    "DATALOADER.NUM_WORKERS", 0,
-]  # fmt: skip
+SMALL = [*FAST, "DATALOADER.NUM_WORKERS", 0]
 
 
 def test_cards_command_on_four_cpu_processes(small_toy_root, tmp_path):
@@ -77,20 +67,16 @@ EXACT = [
 
 def _record(root, out, processes, max_iter, *extra):
     args = [
-        os.path.join(REPO, "tests", "ddp_record.py"), *extra,
+        *extra,
         "--num-gpus", processes, "--dist-url", "auto", "--config-file", "configs/toy/ohem.yaml",
         *toy_overrides(root), *SMALL, *EXACT, "SOLVER.MAX_ITER", max_iter, "OUTPUT_DIR", out,
     ]  # fmt: skip
-    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(root), PYTHONWARNINGS="ignore")
-    env.update(NO_GPU_ENV, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, *map(str, args)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
+    result = run_train_net(
+        args,
+        os.path.dirname(root),
+        no_gpu=True,
+        script=os.path.join("tests", "ddp_record.py"),
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:]
     return [torch.load(out / f"mined_rank{r}.pt") for r in range(processes)], _state(out)
