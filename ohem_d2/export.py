@@ -207,6 +207,7 @@ def export_scripting(model, output_dir: str) -> str:
 
 def _sample_proposals(args, image, image_rgb):
     """XYXY proposals (best first) and scores of the original --sample-image."""
+    from ohem_d2.proposals.search import DEFAULT_MIN_SIZE
     from ohem_d2.visualize import _FileProposals, _SelectiveSearchProposals
 
     height, width = image.shape[:2]
@@ -215,7 +216,7 @@ def _sample_proposals(args, image, image_rgb):
         source = _FileProposals(args.sample_proposals)
     else:
         logger.info("No --sample-proposals: selective search on %s", args.sample_image)
-        source = _SelectiveSearchProposals("fast", 8)
+        source = _SelectiveSearchProposals("fast", DEFAULT_MIN_SIZE)
     return source(image_id, args.sample_image, height, width, image_rgb)
 
 
