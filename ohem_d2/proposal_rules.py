@@ -66,9 +66,14 @@ def unique_boxes(boxes):
     if len(boxes) == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     _, inverse = torch.unique(boxes, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), len(boxes), device=boxes.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(boxes), device=boxes.device), "amin")
-    return first.sort().values
+    # Each distinct row's first position: sort the keys (row's group, position), all distinct,
+    # and take each group's first. Sizes come from shapes, not Python ints, and the operators
+    # exist in ONNX opset 11, so that a traced model (ohem_d2.export) takes any number of boxes.
+    count = boxes.shape[0]
+    keys = (inverse * count + torch.arange(count, device=boxes.device)).sort().values
+    groups = torch.div(keys, count, rounding_mode="floor")
+    starts = torch.cat([torch.ones_like(groups[:1], dtype=torch.bool), groups[1:] != groups[:-1]])
+    return (keys[starts] % count).sort().values
 
 
 def top_k(items, k: int | None):
