@@ -4,6 +4,7 @@ x 2 images (the hard sets, the losses, the weights and the prior-correction coun
 
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -127,3 +128,28 @@ def test_resume_on_two_processes_does_not_count_twice(one_and_two):
     _, _, _, ddp_state = one_and_two[2]
     for key in ("roi_heads.ohem_class_counts_all", "roi_heads.ohem_class_counts_hard"):
         assert torch.equal(ddp_state[key], state[key]), (key, ddp_state[key], state[key])
+
+
+def _check_setup(*opts, num_gpus=4):
+    import train_net
+
+    argv = ["--config-file", "configs/frcn_vgg16_ohem.yaml", "--num-gpus", str(num_gpus)]
+    argv += ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *map(str, opts)]
+    old, sys.argv = sys.argv, ["train_net.py", *argv]
+    try:
+        return train_net.check_setup(train_net.parse_args())
+    finally:
+        sys.argv = old
+
+
+def test_pre_launch_check_judges_the_scaled_batch(monkeypatch):
+    from ohem_d2.engine.distributed import DistributedSetupError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The paper's 2 images for 1 process become 8 for 4: accepted.
+    assert _check_setup().startswith("4 CPU process(es) (gloo)")
+    # Kept as written, 2 images cannot be shared by 4: the refusal names both keys.
+    with pytest.raises(DistributedSetupError, match="IMS_PER_BATCH.*REFERENCE_WORLD_SIZE"):
+        _check_setup("SOLVER.REFERENCE_WORLD_SIZE", 0)
+    with pytest.raises(DistributedSetupError, match=r"\(3\) must be divisible by SOLVER.REFERENCE"):
+        _check_setup("SOLVER.IMS_PER_BATCH", 3, "SOLVER.REFERENCE_WORLD_SIZE", 2)
