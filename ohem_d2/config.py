@@ -110,6 +110,12 @@ def add_ohem_config(cfg):
     # proportions in the hard sets (so a rare class that OHEM mines often is not pushed
     # down further than the others).
     _C.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS = True
+    # Post-hoc score calibration (off: the paper): at inference, each detection's score s of
+    # class c becomes sigmoid(a_c logit(s) + b_c) (per-class Platt scaling, Küppers et al.,
+    # CVPR-W 2020), and detections under ROI_HEADS.SCORE_THRESH_TEST after it are dropped.
+    # (a_c, b_c) are a buffer saved with the model (roi_heads.ohem_score_calibration), the
+    # identity until `python -m ohem_d2.calibrate_scores` fits them on a held-out dataset.
+    _C.MODEL.ROI_HEADS.OHEM.SCORE_CALIBRATION = False
     # --- Beyond the paper: the hard set plus a weighted random remainder (off: the paper) ---
     # The hard set alone teaches the classifier the hard sets' class make-up. With
     # NUM_PER_IMAGE R > 0, each image's BATCH_SIZE_PER_IMAGE B RoIs are the hard set of B - R

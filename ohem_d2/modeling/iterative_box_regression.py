@@ -108,6 +108,12 @@ def check_refinable(model: nn.Module) -> None:
             f"Iterative box regression and box voting support StandardROIHeads and "
             f"Res5ROIHeads (and subclasses, the OHEM heads), not {type(heads).__name__}"
         )
+    if getattr(heads, "score_calibration", False):
+        raise ValueError(
+            "MODEL.ROI_HEADS.OHEM.SCORE_CALIBRATION maps the scores of the head's own "
+            "detections, which TEST.ITERATIVE_BBOX_REG / TEST.BOX_VOTING / multi-scale "
+            "testing replace; evaluate with one or the other"
+        )
 
 
 def _proposals(model: GeneralizedRCNN, batched_inputs, images, features) -> list[Instances]:

@@ -74,6 +74,7 @@ class OHEMHeadMixin:
         prior_target: str = "ALL_ROIS",
         prior_per_class: bool = True,
         sampler_fg_fraction: float = 0.25,
+        score_calibration: bool = False,
         **kwargs,
     ):
         """
@@ -92,6 +93,11 @@ class OHEMHeadMixin:
                 target; the foreground classes keep their proportions in the hard sets.
             sampler_fg_fraction: the stock sampler's foreground share
                 (``ROI_HEADS.POSITIVE_FRACTION``).
+            score_calibration: beyond the paper (False: the paper). At inference, map each
+                detection's score by its class's Platt scaling (buffer
+                ``ohem_score_calibration``, (K, 2) rows (a_c, b_c), saved with the model;
+                the identity until fitted, see :mod:`ohem_d2.calibrate_scores`) and drop
+                those under the predictor's score threshold after it.
             kwargs: the arguments of the parent ROI head.
         """
         super().__init__(**kwargs)
@@ -107,6 +113,10 @@ class OHEMHeadMixin:
         self.prior_per_class = prior_per_class
         self.sampler_fg_fraction = sampler_fg_fraction
         self._shift_scores = True  # False inside uncorrected()
+        self.score_calibration = score_calibration
+        if score_calibration:
+            identity = torch.tensor([[1.0, 0.0]]).repeat(self.num_classes, 1)
+            self.register_buffer("ohem_score_calibration", identity)
         if prior_correction and miner.remainder_num:
             raise ValueError(
                 "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION cannot be combined with "
@@ -141,6 +151,7 @@ class OHEMHeadMixin:
         ret["prior_target"] = cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_TARGET
         ret["prior_per_class"] = cfg.MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION_PER_CLASS
         ret["sampler_fg_fraction"] = cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION
+        ret["score_calibration"] = cfg.MODEL.ROI_HEADS.OHEM.SCORE_CALIBRATION
         return ret
 
     def class_prior_shift(self) -> torch.Tensor:
@@ -171,7 +182,8 @@ class OHEMHeadMixin:
 
     @contextlib.contextmanager
     def uncorrected(self):
-        """Inside the block, inference gives the scores as trained, without the prior shift:
+        """Inside the block, inference gives the scores as trained, without the prior shift
+        or the score calibration:
         the paper's OHEM from a model trained with ``PRIOR_CORRECTION`` on (its training is
         the paper's), or a training-loss probe. A no-op without the option."""
         was, self._shift_scores = self._shift_scores, False
@@ -255,11 +267,33 @@ class OHEMHeadMixin:
             # A static branch: the compiler never sees the super() call below. Detectron2
             # scripts with `training` frozen to False, so it drops the mining above too.
             return self._scriptable_inference(features, proposals)
-        return super().forward(images, features, proposals, targets)
+        results, losses = super().forward(images, features, proposals, targets)
+        if self.score_calibration and self._shift_scores:
+            results = [self._calibrate(r) for r in results]
+        return results, losses
+
+    def _calibrate(self, instances: Instances) -> Instances:
+        """The detections with calibrated scores, those under the score threshold dropped."""
+        predictor = self.box_predictor
+        threshold = (
+            predictor[-1] if isinstance(predictor, nn.ModuleList) else predictor
+        ).test_score_thresh
+        params = self.ohem_score_calibration.to(instances.scores)
+        a, b = params[instances.pred_classes].unbind(dim=1)
+        scores = torch.sigmoid(a * torch.logit(instances.scores, eps=1e-6) + b)
+        keep = scores >= threshold
+        instances = instances[keep]
+        instances.scores = scores[keep]
+        return instances
 
     def __prepare_scriptable__(self):
         """Called by ``torch.jit.script`` before compiling: refuse what cannot be scripted,
         saying why, rather than fail deep in the compiler."""
+        if self.score_calibration:
+            raise RuntimeError(
+                "MODEL.ROI_HEADS.OHEM.SCORE_CALIBRATION: a model with this option on cannot "
+                "be scripted; turn the option off to script it, or export it by tracing"
+            )
         if self.prior_correction:
             raise RuntimeError(
                 "MODEL.ROI_HEADS.OHEM.PRIOR_CORRECTION: a model with this option on cannot "
@@ -416,6 +450,7 @@ def _weighted_losses(box_predictor):
 
 def scores_as_trained(model):
     """A context in which `model` (or its DDP wrapper) scores as trained: an OHEM head's
-    inference-time prior correction is off inside it; a no-op for any other head."""
+    inference-time prior correction and score calibration are off inside it; a no-op for any
+    other head."""
     head = getattr(model, "module", model).roi_heads
     return getattr(head, "uncorrected", contextlib.nullcontext)()
