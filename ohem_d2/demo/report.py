@@ -5,6 +5,8 @@
 import json
 import os
 
+from tabulate import tabulate
+
 from .run import METHODS, PROBE_IMAGES, RECOMMENDED_DIR
 
 # detections.png draws the detections with at least this score.
@@ -83,11 +85,9 @@ def format_table(summaries):
         ("device", lambda s: s["device"]),
         ("threads", lambda s: str(s.get("threads", "-"))),
     ]
-    lines = ["| metric | " + " | ".join(column_label(s) for s in summaries) + " |"]
-    lines.append("|---" * (len(summaries) + 1) + "|")
-    for label, cell in rows:
-        lines.append(f"| {label} | " + " | ".join(cell(s) for s in summaries) + " |")
-    return "\n".join(lines)
+    headers = ["metric"] + [column_label(s) for s in summaries]
+    cells = [[label] + [cell(s) for s in summaries] for label, cell in rows]
+    return tabulate(cells, headers, tablefmt="github", disable_numparse=True)
 
 
 def plot_roi_loss(output_dir, methods):
