@@ -9,18 +9,14 @@ import numpy as np
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
-from torch.nn.parallel import DistributedDataParallel
 
+from ..modeling.ddp import unwrap_ddp
 from ..modeling.ohem import ProposalLabeller, per_roi_losses, readonly_head, scores_as_trained
 
 # BGR colours of the slide deck's figure; hard background that looks like an unlabelled
 # object (the miner's ``suspect_bg``) in magenta.
 GT_COLOUR, FG_COLOUR, BG_COLOUR = (0, 255, 255), (0, 0, 255), (255, 0, 0)
 SUSPECT_COLOUR = (255, 0, 255)
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def label_all_rois(proposals, targets, num_classes):
@@ -49,7 +45,7 @@ class RoILossProbe(HookBase):
 
     def roi_losses(self):
         """(R,) loss of every RoI of the probe images, and (R,) bool: is it foreground."""
-        model = _unwrap(self.trainer.model)
+        model = unwrap_ddp(self.trainer.model)
         was_training = model.training
         model.eval()
         head = model.roi_heads
@@ -165,7 +161,7 @@ class HardExampleSnapshot(HookBase):
 
     @torch.no_grad()
     def mine(self):
-        model = _unwrap(self.trainer.model)
+        model = unwrap_ddp(self.trainer.model)
         head = model.roi_heads
         # It mines as training does (train mode), so a norm layer's running statistics move
         # and dropout draws random numbers. Both are put back: the picture must change neither
