@@ -19,6 +19,11 @@ GT_COLOUR, FG_COLOUR, BG_COLOUR = (0, 255, 255), (0, 0, 255), (255, 0, 0)
 SUSPECT_COLOUR = (255, 0, 255)
 
 
+def rgb(bgr):
+    """A BGR uint8 colour as the (r, g, b) in [0, 1] that Detectron2's Visualizer draws."""
+    return tuple(c / 255 for c in bgr[::-1])
+
+
 def label_all_rois(proposals, targets, num_classes):
     """Every proposal plus the GT boxes labelled as the paper defines it for OHEM: foreground
     (the matched GT class) at IoU >= 0.5, background (`num_classes`) below."""
@@ -131,8 +136,9 @@ def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, hard_is_susp
     """An BGR uint8 picture: GT yellow, hard foreground RoIs red, hard background blue, and
     hard background the readonly pass calls an object away from any GT (suspected
     unlabelled objects) magenta."""
-    img = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
-    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    from detectron2.utils.visualizer import Visualizer
+
+    vis = Visualizer(np.ascontiguousarray(image_rgb), scale=scale)
     if hard_is_suspect is None:
         hard_is_suspect = np.zeros_like(hard_is_fg)
     # Plain background first, suspects over it, foreground on top.
@@ -140,12 +146,10 @@ def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, hard_is_susp
     colours = (BG_COLOUR, SUSPECT_COLOUR, FG_COLOUR)
     order = np.argsort(kind, kind="stable")
     for box, k in zip(hard_boxes[order], kind[order]):
-        x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
-        cv2.rectangle(img, (x0, y0), (x1, y1), colours[k], 1)
+        vis.draw_box(box, alpha=1.0, edge_color=rgb(colours[k]))
     for box in gt_boxes:
-        x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
-        cv2.rectangle(img, (x0, y0), (x1, y1), GT_COLOUR, 2)
-    return img
+        vis.draw_box(box, alpha=1.0, edge_color=rgb(GT_COLOUR))
+    return vis.get_output().get_image()[:, :, ::-1].copy()
 
 
 class HardExampleSnapshot(HookBase):
