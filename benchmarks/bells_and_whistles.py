@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from tabulate import tabulate
 from torch import nn
 
 VARIANTS = {
@@ -119,16 +120,19 @@ def evaluate(method_dir, summary, variant, scales, max_size):
 
 
 def format_table(rows):
-    lines = [
-        "| run | method | variant | mAP50 all-point (%) | COCO AP (%) | s/image |",
-        "|---|---|---|---|---|---|",
+    headers = ["run", "method", "variant", "mAP50 all-point (%)", "COCO AP (%)", "s/image"]
+    cells = [
+        [
+            run,
+            method,
+            variant,
+            f"{r['mAP50_allpoint']:.1f}",
+            f"{r['coco_AP']:.1f}",
+            f"{r['s_per_image']:.3f}",
+        ]
+        for run, method, variant, r in rows
     ]
-    for run, method, variant, r in rows:
-        lines.append(
-            f"| {run} | {method} | {variant} | {r['mAP50_allpoint']:.1f} | "
-            f"{r['coco_AP']:.1f} | {r['s_per_image']:.3f} |"
-        )
-    return "\n".join(lines)
+    return tabulate(cells, headers, tablefmt="github", disable_numparse=True)
 
 
 def parse_args(argv=None):

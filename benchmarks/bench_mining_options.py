@@ -18,6 +18,7 @@ import time
 import torch
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
+from tabulate import tabulate
 
 from ohem_d2.demo import build_demo_cfg
 from ohem_d2.engine import Trainer, register_project_datasets
@@ -110,12 +111,13 @@ def main():
         f"{step:.3f} s over {args.iters}; select() medians over {args.repeats} interleaved "
         f"rounds; torch threads {torch.get_num_threads()}; allocator {allocator_in_use()}.\n"
     )
-    print("| setting | select (ms) | share of the iteration | extra over paper select |")
-    print("|---|---|---|---|")
+    rows = []
     for name in times:
         t = statistics.median(times[name][1:])
         extra = "-" if name == DIAGNOSTICS else f"{100 * (t - paper) / step:+.2f} %"
-        print(f"| {name} | {t * 1e3:.2f} | {100 * t / step:.2f} % | {extra} |")
+        rows.append([name, f"{t * 1e3:.2f}", f"{100 * t / step:.2f} %", extra])
+    headers = ["setting", "select (ms)", "share of the iteration", "extra over paper select"]
+    print(tabulate(rows, headers, tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

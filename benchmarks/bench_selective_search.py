@@ -29,6 +29,7 @@ import time
 
 import cv2
 import numpy as np
+from tabulate import tabulate
 
 from ohem_d2.data.proposal_io import read_proposal_file
 from ohem_d2.proposals.compute import compute_proposal_file
@@ -128,10 +129,12 @@ def main(argv=None) -> int:
     before, after = (" ".join(f"{x:.2f}" for x in load) for load in (load_before, load_after))
     print(f"load average (1/5/15 min) before: {before}, after: {after}")
     print(f"run at {time.strftime('%Y-%m-%d %H:%M %Z')}\n")
-    print("| mode | workers | images/s | wall s/image | CPU s/image | boxes/image |")
-    print("|---|---|---|---|---|---|")
-    for mode, workers, rate, wall, cpu, boxes in rows:
-        print(f"| {mode} | {workers} | {rate:.2f} | {wall:.2f} | {cpu:.2f} | {boxes:.0f} |")
+    cells = [
+        [mode, workers, f"{rate:.2f}", f"{wall:.2f}", f"{cpu:.2f}", f"{boxes:.0f}"]
+        for mode, workers, rate, wall, cpu, boxes in rows
+    ]
+    headers = ["mode", "workers", "images/s", "wall s/image", "CPU s/image", "boxes/image"]
+    print(tabulate(cells, headers, tablefmt="github", disable_numparse=True))
     return 0
 
 

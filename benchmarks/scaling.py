@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tabulate import tabulate
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,8 +51,7 @@ def main():
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     # With --memory-only, s/iter is the single measured iteration of each memory process.
-    print("| proposals/image | FRCN s/iter | OHEM s/iter | ratio | FRCN peak MB | OHEM peak MB |")
-    print("|---|---|---|---|---|---|")
+    table = []
     for r in rows:
         frcn = r.get("frcn_s_per_iter", r["frcn_memory_worker_iter_s"])
         ohem = r.get("ohem_s_per_iter", r["ohem_memory_worker_iter_s"])
@@ -62,7 +63,10 @@ def main():
             r["frcn_peak_mb"],
             r["ohem_peak_mb"],
         ]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
+        table.append(cells)
+    headers = ["proposals/image", "FRCN s/iter", "OHEM s/iter", "ratio"]
+    headers += ["FRCN peak MB", "OHEM peak MB"]
+    print(tabulate(table, headers, tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

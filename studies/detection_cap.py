@@ -23,7 +23,7 @@ import torch
 from ohem_d2.demo import saved_run_cfg
 from ohem_d2.engine import Trainer, register_project_datasets
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
-from studies.table import load_run
+from studies.table import load_run, markdown
 
 
 def evaluate(run_dir, summary, cap):
@@ -65,17 +65,17 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     register_project_datasets()
-    head = "| seed | method | " + " | ".join(
-        f"mAP50 @{c} | Platelets @{c} | COCO AP @{c}" for c in args.caps
-    )
-    lines = [head + " |", "|---" * (2 + 3 * len(args.caps)) + "|"]
+    headers = ["seed", "method"]
+    for c in args.caps:
+        headers += [f"mAP50 @{c}", f"Platelets @{c}", f"COCO AP @{c}"]
+    rows = []
     for spec in args.runs:
         for run_dir, summary in trained_runs(spec):
             method, cells = summary["method"], []
             for cap in args.caps:
                 cells += [f"{v:.1f}" for v in evaluate(run_dir, summary, cap)]
-            lines.append(f"| {summary['seed']} | {method} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+            rows.append([summary["seed"], method] + cells)
+    print(markdown(rows, headers))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ohem_d2.demo.hooks import label_all_rois
 from ohem_d2.engine import Trainer, register_project_datasets
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 from ohem_d2.modeling.ohem import readonly_head
+from studies.table import markdown
 
 
 def main():
@@ -78,20 +79,17 @@ def main():
             counts[key] = c
     classes = ["RBC", "WBC", "Platelets", "background"]
     print(f"{args.images} BCCD training images with a platelet; RoIs per class (share):\n")
-    print("| RoIs | " + " | ".join(classes) + " |")
-    print("|---" * (len(classes) + 1) + "|")
+    rows = []
     for key in ("all RoIs", "frcn", "ohem"):
         c = counts[key]
         total = sum(c.values())
         label = {"frcn": "FRCN minibatch", "ohem": "OHEM hard set"}.get(key, key)
-        cells = [f"{c[k]} ({100 * c[k] / total:.1f} %)" for k in range(4)]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label] + [f"{c[k]} ({100 * c[k] / total:.1f} %)" for k in range(4)])
+    print(markdown(rows, ["RoIs"] + classes))
 
     print("\nWhat each final model calls the platelets' ground-truth boxes (argmax class):\n")
-    print("| model | " + " | ".join(classes) + " |")
-    print("|---" * (len(classes) + 1) + "|")
-    for method in ("frcn", "ohem"):
-        print(f"| {method} | " + " | ".join(str(called[method][k]) for k in range(4)) + " |")
+    rows = [[method] + [called[method][k] for k in range(4)] for method in ("frcn", "ohem")]
+    print(markdown(rows, ["model"] + classes))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import numpy as np
 import torch
 
-from studies.table import PLATELETS, format_runs
+from studies.table import PLATELETS, format_runs, markdown
 
 # The first protocol's candidates, by how far they depart from the paper (its tie order).
 ORDER = ("paper", "paper+prior", "fg25", "fg25+prior")
@@ -361,13 +361,20 @@ def decide_floor(table, candidates=FLOOR_CANDIDATES):
 
 def format_diagnosis(rows):
     """Markdown: the floor's numbers per (label, seed, diagnosis) row (see :func:`diagnose`)."""
-    lines = [
-        "| run | seed | RBC score, all RoIs: p50 / p90 | RoIs with RBC >= 0.05 | kept RBC: min / "
-        "p10 | kept per image | images at the cap | cap's bar | above the lowest true "
-        "platelet (median; share >= 100) | hard-set make-up (RBC / WBC / Plt / bg) | all-RoI "
-        "make-up |",
-        "|---" * 11 + "|",
+    headers = [
+        "run",
+        "seed",
+        "RBC score, all RoIs: p50 / p90",
+        "RoIs with RBC >= 0.05",
+        "kept RBC: min / p10",
+        "kept per image",
+        "images at the cap",
+        "cap's bar",
+        "above the lowest true platelet (median; share >= 100)",
+        "hard-set make-up (RBC / WBC / Plt / bg)",
+        "all-RoI make-up",
     ]
+    cells = []
 
     def make_up(d, key):
         m = d.get(f"make_up_{key}")
@@ -379,15 +386,22 @@ def format_diagnosis(rows):
         d = metrics["diagnosis"]
         roi, kept = d["all_rois"]["RBC"], d["kept"]["RBC"]
         above = d["above_lowest_true_platelet"]
-        lines.append(
-            f"| {label} | {seed} | {roi['p50']:.3f} / {roi['p90']:.3f} | "
-            f"{100 * d['all_rois_share_above_0.05']['RBC']:.1f} % | "
-            f"{kept['min']:.3f} / {kept['p10']:.3f} | {metrics['mean_detections_per_image']:.1f} | "
-            f"{100 * d['images_at_cap']:.0f} % | {metrics['median_lowest_kept_score']:.3f} | "
-            f"{above['median']} ; {100 * above['share_at_or_over_cap']:.0f} % | "
-            f"{make_up(d, 'hard')} | {make_up(d, 'all')} |"
+        cells.append(
+            [
+                label,
+                seed,
+                f"{roi['p50']:.3f} / {roi['p90']:.3f}",
+                f"{100 * d['all_rois_share_above_0.05']['RBC']:.1f} %",
+                f"{kept['min']:.3f} / {kept['p10']:.3f}",
+                f"{metrics['mean_detections_per_image']:.1f}",
+                f"{100 * d['images_at_cap']:.0f} %",
+                f"{metrics['median_lowest_kept_score']:.3f}",
+                f"{above['median']} ; {100 * above['share_at_or_over_cap']:.0f} %",
+                make_up(d, "hard"),
+                make_up(d, "all"),
+            ]
         )
-    return "\n".join(lines)
+    return markdown(cells, headers)
 
 
 def main(argv=None):

@@ -21,6 +21,8 @@ import os
 import statistics
 import sys
 
+from tabulate import tabulate
+
 PLATELETS = "Platelets"
 
 
@@ -78,14 +80,12 @@ def format_runs(table, columns=SEED_COLUMNS, key="candidate"):
     """Markdown: one row per name and seed, then each name's mean and spread (max - min).
 
     `table`: {name: {seed: summary}}."""
-    lines = [f"| {key} | seed | " + " | ".join(n for n, _, _ in columns) + " |"]
-    lines.append("|---" * (len(columns) + 2) + "|")
+    rows = []
     for name, runs in table.items():
         if not runs:
             continue
         for seed, s in sorted(runs.items()):
-            cells = [_cell(_value(get, s), d) for _, get, d in columns]
-            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+            rows.append([name, seed] + [_cell(_value(get, s), d) for _, get, d in columns])
         stats = []
         for _, get, d in columns:
             v = [_value(get, s) for s in runs.values()]
@@ -93,13 +93,13 @@ def format_runs(table, columns=SEED_COLUMNS, key="candidate"):
                 stats.append("-")
             else:
                 stats.append(f"{_cell(statistics.mean(v), d)} ({_cell(max(v) - min(v), d)})")
-        lines.append(f"| **{name}** | mean (spread) | " + " | ".join(stats) + " |")
-    return "\n".join(lines)
+        rows.append([f"**{name}**", "mean (spread)"] + stats)
+    return markdown(rows, [key, "seed"] + [n for n, _, _ in columns])
 
 
 def format_differences(table, reference="frcn"):
     """Markdown: per seed, each name's mAP50 and COCO AP minus the reference's."""
-    lines = ["| against " + reference + " | seed | mAP50 all-pt | COCO AP |", "|---|---|---|---|"]
+    rows = []
     for name, runs in table.items():
         if name == reference:
             continue
@@ -109,8 +109,8 @@ def format_differences(table, reference="frcn"):
             ref = table[reference][seed]
             d_map = m["voc_AP50_allpoint"] - ref["voc_AP50_allpoint"]
             d_coco = m["coco_AP"] - ref["coco_AP"]
-            lines.append(f"| {name} | {seed} | {d_map:+.1f} | {d_coco:+.1f} |")
-    return "\n".join(lines)
+            rows.append([name, seed, f"{d_map:+.1f}", f"{d_coco:+.1f}"])
+    return markdown(rows, ["against " + reference, "seed", "mAP50 all-pt", "COCO AP"])
 
 
 def _read_folder(folder):
@@ -231,8 +231,13 @@ def _seeds(args):
     print(format_runs(table) + "\n\n" + format_differences(table))
 
 
+def markdown(rows, headers):
+    """A Markdown (GitHub) table of `rows` of cells, each printed as it is."""
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
 def _row(cells, values):
-    return "| " + " | ".join(str(c) for c in cells) + " | " + " | ".join(values) + " |"
+    return [*cells, *values]
 
 
 def _cells(summary_or_values, columns=COLUMNS):
@@ -262,16 +267,16 @@ def _mean(summaries, columns=COLUMNS):
 def _grid(args):
     rows = load_grid(args.pattern, args.lrs, args.seeds)
     names = [n for n, _, _ in COLUMNS]
-    lines = ["| seed | method | LR | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    body = []
     for seed, method, lr in itertools.product(args.seeds, METHODS, args.lrs):
         if (method, lr, seed) in rows:
-            lines.append(_row((seed, method, lr), _cells(rows[(method, lr, seed)])))
+            body.append(_row((seed, method, lr), _cells(rows[(method, lr, seed)])))
     for method, lr in itertools.product(METHODS, args.lrs):
         seeds = [s for s in args.seeds if (method, lr, s) in rows]
         if seeds:
             label = "mean" if len(seeds) == len(args.seeds) else f"mean of seeds {seeds}"
-            lines.append(_row((label, method, lr), _mean([rows[(method, lr, s)] for s in seeds])))
-    print("\n".join(lines) + "\n")
+            body.append(_row((label, method, lr), _mean([rows[(method, lr, s)] for s in seeds])))
+    print(markdown(body, ["seed", "method", "LR"] + names) + "\n")
     for method in METHODS:
         chosen = pick_rate(rows, method, args.lrs, args.seeds)
         print(f"- {method}: " + (f"BASE_LR {chosen}" if chosen else "not all runs finished"))
@@ -297,15 +302,15 @@ def _variants(args):
                 table[name][seed] = json.load(f)
             mined[name][seed] = last_mined(os.path.join(folder, "ohem"))
     names = [n for n, _, _ in COLUMNS]
-    lines = ["| seed | method | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    body = []
     for seed in args.seeds:
-        lines += [_row((seed, m), _cells(runs[seed])) for m, runs in table.items() if seed in runs]
+        body += [_row((seed, m), _cells(runs[seed])) for m, runs in table.items() if seed in runs]
     for method, runs in table.items():
         if not runs:
             continue  # not run yet
         seeds = sorted(runs)
         label = "mean" if len(seeds) == len(args.seeds) else f"mean of seeds {seeds}"
-        lines.append(_row((label, method), _mean(runs.values())))
+        body.append(_row((label, method), _mean(runs.values())))
     for name in mined:
         seeds = sorted(table[name])
         if not seeds:
@@ -315,8 +320,8 @@ def _variants(args):
             diffs = _mean(
                 [_difference(table[name][s], table["ohem"][s]) for s in chosen], NUMBER_COLUMNS
             )
-            lines.append(_row((seed, f"{name} - ohem"), diffs))
-    print("\n".join(lines))
+            body.append(_row((seed, f"{name} - ohem"), diffs))
+    print(markdown(body, ["seed", "method"] + names))
     print("\nThe rule (better than paper OHEM on the mean and on >= 2 of 3 seeds, in both")
     print("all-point mAP50 and COCO AP):\n")
     for name in mined:
@@ -329,13 +334,13 @@ def _variants(args):
             print(f"- {name}, {column}: mean {mean:+.1f}, better on {wins}/{len(args.seeds)}")
         print(f"- {name}: {'RECOMMENDED' if passed else 'not recommended'}")
     print("\nWhat each variant mined at the end of training (mean over its seeds):\n")
-    print("| variant | options | " + " | ".join(n for n, _ in MINED) + " |")
-    print("|---" * (len(MINED) + 2) + "|")
+    rows = []
     for name, by_seed in mined.items():
         if by_seed:
             cells = [f"{statistics.mean(m[n] for m in by_seed.values()):.3f}" for n, _ in MINED]
             opts = " ".join(table[name][min(by_seed)]["ohem_opts"])
-            print(f"| {name} | `{opts}` | " + " | ".join(cells) + " |")
+            rows.append([name, f"`{opts}`"] + cells)
+    print(markdown(rows, ["variant", "options"] + [n for n, _ in MINED]))
 
 
 def main(argv=None):

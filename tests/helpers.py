@@ -155,3 +155,14 @@ def spread(model):
         predictor.cls_score.weight.mul_(30)
         predictor.bbox_pred.weight.mul_(100)
     return model
+
+
+def row_cells(line):
+    """The cells of one row of a Markdown table, stripped of their padding."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table_rows(text):
+    """The cells of each row of the Markdown tables in `text`, separator rows left out."""
+    rows = [row_cells(line) for line in text.splitlines() if line.startswith("|")]
+    return [r for r in rows if not all(set(c) <= set("-:") for c in r)]

@@ -24,6 +24,8 @@ import logging
 import os
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from .registration import is_registered_for
 
@@ -108,14 +110,9 @@ class AnnotationCleaning:
         return f"{dataset_name}: {found} (the annotation files are left untouched)."
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one XYXY box with each of (K, 4) boxes (continuous coordinates)."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = np.prod(box[2:] - box[:2])
-    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return inter / (area + areas - inter)
+def _boxes(boxes) -> torch.Tensor:
+    """(K, 4) XYXY boxes in float64, as the cleaning compares them."""
+    return torch.as_tensor(np.asarray(boxes, dtype=np.float64))
 
 
 def clean_annotations(dataset_dicts: list[dict]) -> AnnotationCleaning:
@@ -137,7 +134,7 @@ def clean_annotations(dataset_dicts: list[dict]) -> AnnotationCleaning:
                 cleaning.degenerate.append(where)
                 continue
             same = [k["bbox"] for k in kept if k["category_id"] == ann["category_id"]]
-            if same and _iou(box, np.asarray(same, dtype=np.float64)).max() >= DUPLICATE_IOU:
+            if same and box_iou(_boxes([box]), _boxes(same)).max() >= DUPLICATE_IOU:
                 cleaning.duplicate.append(where)
                 continue
             kept.append(ann)

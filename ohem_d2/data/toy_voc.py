@@ -9,29 +9,13 @@ from PIL import Image
 
 from .toy import ToyDatasetSpec, toy_image_ids
 from .toy_render import render_image
+from .voc_xml import voc_annotation
 
 __all__ = ["write_voc_images"]
 
 
 def _annotation_xml(image_id, width, height, objects) -> bytes:
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "ohem_toy"
-    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, key).text = str(value)
-    ET.SubElement(root, "segmented").text = "0"
-    for obj in objects:
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = obj["name"]
-        ET.SubElement(node, "pose").text = "Unspecified"
-        ET.SubElement(node, "truncated").text = str(obj["truncated"])
-        ET.SubElement(node, "difficult").text = str(obj["difficult"])
-        box = ET.SubElement(node, "bndbox")
-        x1, y1, x2, y2 = obj["bbox"]
-        # VOC coordinates are 1-based inclusive pixel indices: pixels [x1, x2) -> x1+1..x2.
-        for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-            ET.SubElement(box, key).text = str(value)
+    root = voc_annotation(objects, ("ohem_toy", f"{image_id}.jpg", width, height))
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8") + b"\n"
 

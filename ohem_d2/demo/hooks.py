@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
-from torch.nn.parallel import DistributedDataParallel
 
+from ..modeling.ddp import unwrap_ddp
 from ..modeling.ohem import ProposalLabeller, per_roi_losses, readonly_head, scores_as_trained
 
 # BGR colours of the slide deck's figure; hard background that looks like an unlabelled
@@ -19,8 +19,9 @@ GT_COLOUR, FG_COLOUR, BG_COLOUR = (0, 255, 255), (0, 0, 255), (255, 0, 0)
 SUSPECT_COLOUR = (255, 0, 255)
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def rgb(bgr):
+    """A BGR uint8 colour as the (r, g, b) in [0, 1] that Detectron2's Visualizer draws."""
+    return tuple(c / 255 for c in bgr[::-1])
 
 
 def label_all_rois(proposals, targets, num_classes):
@@ -49,7 +50,7 @@ class RoILossProbe(HookBase):
 
     def roi_losses(self):
         """(R,) loss of every RoI of the probe images, and (R,) bool: is it foreground."""
-        model = _unwrap(self.trainer.model)
+        model = unwrap_ddp(self.trainer.model)
         was_training = model.training
         model.eval()
         head = model.roi_heads
@@ -135,8 +136,9 @@ def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, hard_is_susp
     """An BGR uint8 picture: GT yellow, hard foreground RoIs red, hard background blue, and
     hard background the readonly pass calls an object away from any GT (suspected
     unlabelled objects) magenta."""
-    img = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
-    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    from detectron2.utils.visualizer import Visualizer
+
+    vis = Visualizer(np.ascontiguousarray(image_rgb), scale=scale)
     if hard_is_suspect is None:
         hard_is_suspect = np.zeros_like(hard_is_fg)
     # Plain background first, suspects over it, foreground on top.
@@ -144,12 +146,10 @@ def draw_hard_examples(image_rgb, gt_boxes, hard_boxes, hard_is_fg, hard_is_susp
     colours = (BG_COLOUR, SUSPECT_COLOUR, FG_COLOUR)
     order = np.argsort(kind, kind="stable")
     for box, k in zip(hard_boxes[order], kind[order]):
-        x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
-        cv2.rectangle(img, (x0, y0), (x1, y1), colours[k], 1)
+        vis.draw_box(box, alpha=1.0, edge_color=rgb(colours[k]))
     for box in gt_boxes:
-        x0, y0, x1, y1 = (box * scale).round().astype(int).tolist()
-        cv2.rectangle(img, (x0, y0), (x1, y1), GT_COLOUR, 2)
-    return img
+        vis.draw_box(box, alpha=1.0, edge_color=rgb(GT_COLOUR))
+    return vis.get_output().get_image()[:, :, ::-1].copy()
 
 
 class HardExampleSnapshot(HookBase):
@@ -165,7 +165,7 @@ class HardExampleSnapshot(HookBase):
 
     @torch.no_grad()
     def mine(self):
-        model = _unwrap(self.trainer.model)
+        model = unwrap_ddp(self.trainer.model)
         head = model.roi_heads
         # It mines as training does (train mode), so a norm layer's running statistics move
         # and dropout draws random numbers. Both are put back: the picture must change neither

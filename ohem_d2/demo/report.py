@@ -5,6 +5,8 @@
 import json
 import os
 
+from tabulate import tabulate
+
 from .run import METHODS, PROBE_IMAGES, RECOMMENDED_DIR
 
 # detections.png draws the detections with at least this score.
@@ -83,11 +85,9 @@ def format_table(summaries):
         ("device", lambda s: s["device"]),
         ("threads", lambda s: str(s.get("threads", "-"))),
     ]
-    lines = ["| metric | " + " | ".join(column_label(s) for s in summaries) + " |"]
-    lines.append("|---" * (len(summaries) + 1) + "|")
-    for label, cell in rows:
-        lines.append(f"| {label} | " + " | ".join(cell(s) for s in summaries) + " |")
-    return "\n".join(lines)
+    headers = ["metric"] + [column_label(s) for s in summaries]
+    cells = [[label] + [cell(s) for s in summaries] for label, cell in rows]
+    return tabulate(cells, headers, tablefmt="github", disable_numparse=True)
 
 
 def plot_roi_loss(output_dir, methods):
@@ -129,8 +129,9 @@ def draw_detections(output_dir, panels, class_names):
     score)."""
     import cv2
     import numpy as np
+    from detectron2.utils.visualizer import Visualizer
 
-    from .hooks import GT_COLOUR
+    from .hooks import GT_COLOUR, rgb
 
     per_method = {}
     for method, _ in panels:
@@ -141,23 +142,21 @@ def draw_detections(output_dir, panels, class_names):
         row = []
         for method, name in panels:
             rec = per_method[method][k]
-            img = cv2.imread(rec["file_name"])
+            vis = Visualizer(cv2.imread(rec["file_name"])[:, :, ::-1])
             for box in rec["gt_boxes"]:
-                x0, y0, x1, y1 = np.round(box).astype(int).tolist()
-                cv2.rectangle(img, (x0, y0), (x1, y1), GT_COLOUR, 1)
+                vis.draw_box(box, alpha=1.0, edge_color=rgb(GT_COLOUR))
             for box, score, cls in zip(rec["boxes"], rec["scores"], rec["classes"]):
                 if score < DRAW_SCORE:
                     continue
-                x0, y0, x1, y1 = np.round(box).astype(int).tolist()
-                colour = CLASS_COLOURS[cls % len(CLASS_COLOURS)]
-                cv2.rectangle(img, (x0, y0), (x1, y1), colour, 2)
+                colour = rgb(CLASS_COLOURS[cls % len(CLASS_COLOURS)])
+                vis.draw_box(box, alpha=1.0, edge_color=colour)
                 label = f"{class_names[cls]} {score:.2f}"
-                cv2.putText(
-                    img, label, (x0 + 2, y0 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1
+                vis.draw_text(
+                    label, (box[0] + 2, box[1]), color=colour, horizontal_alignment="left"
                 )
             title = f"{name}: score >= {DRAW_SCORE}, ground truth yellow"
-            cv2.rectangle(img, (0, 0), (img.shape[1], 26), (0, 0, 0), -1)
-            cv2.putText(img, title, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, GT_COLOUR, 1)
+            vis.draw_text(title, (6, 4), color=rgb(GT_COLOUR), horizontal_alignment="left")
+            img = vis.get_output().get_image()[:, :, ::-1]
             row.append(cv2.copyMakeBorder(img, 2, 2, 2, 2, cv2.BORDER_CONSTANT))
         rows.append(np.concatenate(row, axis=1))
     width = max(r.shape[1] for r in rows)

@@ -2,12 +2,12 @@
 
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
 from ..data.bccd import register_bccd
+from ..data.registration import is_registered_as
 from ..data.toy import (
     TOY_DATASET_NAMES,
     default_toy_root,
@@ -74,14 +74,13 @@ def register_user_datasets(coco=(), voc=()):
 def _registered_as(name, **metadata):
     """True if ``name`` is registered with this metadata already (a second call in the same
     process); raise if it is registered as something else."""
-    if name not in DatasetCatalog.list():
-        return False
-    meta = MetadataCatalog.get(name)
-    if all(meta.get(k, None) == v for k, v in metadata.items()):
-        return True
-    raise DatasetRegistrationError(
-        f"dataset {name!r} is already registered for other files (Detectron2's builtin "
-        "datasets and the project's own are registered); choose another name"
+    return is_registered_as(
+        name,
+        metadata,
+        lambda _: DatasetRegistrationError(
+            f"dataset {name!r} is already registered for other files (Detectron2's builtin "
+            "datasets and the project's own are registered); choose another name"
+        ),
     )
 
 

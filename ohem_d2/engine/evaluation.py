@@ -19,6 +19,8 @@ from detectron2.evaluation import (
 from detectron2.evaluation.pascal_voc_evaluation import voc_ap, voc_eval
 from detectron2.utils import comm
 
+from ..data.voc_xml import voc_annotation
+
 
 class RenamedEvaluator(DatasetEvaluator):
     """Wraps an evaluator and renames its result's top-level keys (e.g. "bbox" -> "voc_bbox").
@@ -52,17 +54,13 @@ def write_voc_annotations(dataset_dicts, class_names, annotations_dir, image_set
     """
     os.makedirs(annotations_dir, exist_ok=True)
     for record in dataset_dicts:
-        root = ET.Element("annotation")
-        for ann in record["annotations"]:
-            obj = ET.SubElement(root, "object")
-            ET.SubElement(obj, "name").text = class_names[ann["category_id"]]
-            for key, value in (("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0")):
-                ET.SubElement(obj, key).text = value
-            box = ET.SubElement(obj, "bndbox")
-            x1, y1, x2, y2 = ann["bbox"]
-            for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-                ET.SubElement(box, key).text = str(int(round(value)))
-        ET.ElementTree(root).write(os.path.join(annotations_dir, f"{record['image_id']}.xml"))
+        objects = [
+            {"name": class_names[ann["category_id"]], "bbox": ann["bbox"]}
+            for ann in record["annotations"]
+        ]
+        ET.ElementTree(voc_annotation(objects)).write(
+            os.path.join(annotations_dir, f"{record['image_id']}.xml")
+        )
     with open(image_set_file, "w") as f:
         f.write("".join(f"{r['image_id']}\n" for r in dataset_dicts))
 

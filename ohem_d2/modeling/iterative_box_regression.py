@@ -22,10 +22,10 @@ from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, Standar
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import batched_nms
 
 from .box_voting import vote_boxes
+from .ddp import unwrap_ddp
 from .meta_arch import FastRCNN
 from .ohem.readonly_net import readonly_head
 
@@ -255,8 +255,7 @@ class IterativeBoxRegressionWithVoting(nn.Module):
 
     def __init__(self, model: nn.Module, settings: BoxRefinementSettings):
         super().__init__()
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
+        model = unwrap_ddp(model)
         check_refinable(model)
         self.model = model
         self.settings = settings

@@ -18,8 +18,8 @@ from detectron2.data.detection_utils import transform_proposals
 from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNNWithTTA
 from detectron2.structures import Boxes, Instances
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from .ddp import unwrap_ddp
 from .iterative_box_regression import (
     BoxRefinementSettings,
     candidate_detections,
@@ -81,8 +81,7 @@ class MultiScaleRCNN(GeneralizedRCNNWithTTA):
         # handles; it sets the attributes its methods read (cfg, model, tta_mapper,
         # batch_size), and so does this.
         nn.Module.__init__(self)
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
+        model = unwrap_ddp(model)
         check_refinable(model)
         if cfg.MODEL.KEYPOINT_ON:
             raise ValueError("Multi-scale testing does not support keypoint models")

@@ -16,7 +16,7 @@ from torch import nn
 from ...config import require_ohem_config
 from .diagnostics import log_mining, nearest_gt_iou
 from .fast_readonly import build_readonly_approximation
-from .mining import select_hard_examples
+from .mining import _select_hard_examples
 from .readonly_net import ReadonlyHead
 from .remainder import draw_remainder
 from .scoring import Approximation, Predictions, ReadonlyScorer
@@ -305,7 +305,7 @@ class HardExampleMiner:
         if num_hard == 0:  # the whole minibatch is drawn (remainder_num == batch size)
             return [(label.new_zeros(0), 0) for label in labels]
         return [
-            select_hard_examples(
+            _select_hard_examples(
                 loss,
                 props.proposal_boxes.tensor,
                 label,

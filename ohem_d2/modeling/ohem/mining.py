@@ -65,6 +65,9 @@ def select_hard_examples(
         keep: (B',) int64 indices into the R RoIs, hardest first (then the random easy
             background), B' <= batch_size.
         num_after_nms: number of candidates that survive the NMS (before the top-B cut).
+
+    The arguments are checked here, for a direct call; :class:`HardExampleMiner` checks its
+    settings once when it is built and calls :func:`_select_hard_examples`.
     """
     check_settings(
         batch_size_per_image=batch_size,
@@ -74,7 +77,26 @@ def select_hard_examples(
     )
     if not 0 <= num_easy_bg < batch_size:
         raise ValueError(f"num_easy_bg must be in [0, batch_size), got {num_easy_bg}")
+    return _select_hard_examples(
+        losses,
+        boxes,
+        labels,
+        batch_size=batch_size,
+        nms_thresh=nms_thresh,
+        nms_per_label=nms_per_label,
+        background_label=background_label,
+        positive_fraction=positive_fraction,
+        trim_bg_fraction=trim_bg_fraction,
+        num_easy_bg=num_easy_bg,
+    )
 
+
+@torch.no_grad()
+def _select_hard_examples(
+    losses, boxes, labels, *, batch_size, nms_thresh, nms_per_label, background_label,
+    positive_fraction, trim_bg_fraction, num_easy_bg,
+):  # fmt: skip
+    """:func:`select_hard_examples` with its arguments already checked."""
     candidates = torch.nonzero(labels >= 0).squeeze(1)
     if candidates.numel() == 0:
         return candidates, 0

@@ -21,8 +21,6 @@ A function of its inputs and torch's default random generator of the labels' dev
 
 import torch
 
-from .settings import check_settings
-
 __all__ = ["draw_remainder"]
 
 
@@ -74,15 +72,15 @@ def draw_remainder(
         alpha, smoothing: q_i proportional to (loss_i + smoothing * mean) ** alpha.
         weight_exponent: k in [0, 1], see the module.
 
+    ``alpha``, ``smoothing`` and ``weight_exponent`` are not checked per call: their builder,
+    :class:`HardExampleMiner`, checks them once (``REMAINDER.*``).
+
     Returns:
         keep: (H + D,) int64, ``hard`` followed by the D drawn indices (repeats possible
             when alpha > 0).
         weights: (H + D,) float32, each RoI's weight; their sum over the minibatch is 1 in
             expectation when k = 1 (exactly, when alpha = 0).
     """
-    check_settings(
-        remainder_alpha=alpha, remainder_smoothing=smoothing, remainder_exponent=weight_exponent
-    )
     device = labels.device
     labelled = labels >= 0
     in_hard = torch.zeros_like(labelled)

@@ -35,6 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..ddp import unwrap_ddp
 from .distributed import sum_over_processes
 from .labelling import label_without_sampling
 from .miner import HardExampleMiner
@@ -452,5 +453,5 @@ def scores_as_trained(model):
     """A context in which `model` (or its DDP wrapper) scores as trained: an OHEM head's
     inference-time prior correction and score calibration are off inside it; a no-op for any
     other head."""
-    head = getattr(model, "module", model).roi_heads
+    head = unwrap_ddp(model).roi_heads
     return getattr(head, "uncorrected", contextlib.nullcontext)()

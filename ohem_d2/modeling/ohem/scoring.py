@@ -149,13 +149,13 @@ def per_roi_losses(
             ``proposals``, concatenated over images.
         proposals: per-image labelled RoIs with fields ``proposal_boxes``, ``gt_classes``
             and, in images with ground truth, ``gt_boxes``.
-        hardness: "cls+box" (classification + box regression loss, the paper) or "cls".
+        hardness: "cls+box" (classification + box regression loss, the paper) or "cls";
+            not checked per call: :class:`ReadonlyScorer` checks it once, when built.
 
     Returns:
         (R,) float tensor: ``w_cls * CE + w_box * box loss`` (box loss only for foreground
         RoIs); 0 for RoIs labelled -1 (ignored), which are never training examples.
     """
-    check_settings(hardness=hardness)
     cls_loss, box_loss = per_roi_loss_terms(
         box_predictor, predictions, proposals, with_box=hardness == "cls+box"
     )
