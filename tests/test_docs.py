@@ -101,3 +101,20 @@ def test_the_pages_name_no_missing_module():
                 finally:
                     os.chdir(cwd)
     assert not missing, sorted(missing)
+
+
+def test_the_package_cites_no_missing_page():
+    """The package's code and configs (also in the wheel, where no page is) cite the paper by
+    section or table, not a PAPER.md the repository never had; an upper-case page they name
+    (README.md, ...) is one of the repository's."""
+    sources = [p for p in (REPO / "ohem_d2").rglob("*") if p.suffix in (".py", ".yaml")]
+    sources += [REPO / "train_net.py", *PAGES]
+    assert len(sources) > 50
+    pages = {p.name for p in REPO.rglob("*.md") if ".git" not in p.parts}
+    missing = sorted(
+        f"{p.relative_to(REPO)}: {name}"
+        for p in sources
+        for name in set(re.findall(r"\b[A-Z][A-Z_]*\.md\b", p.read_text()))
+        if name == "PAPER.md" or name not in pages
+    )
+    assert not missing, missing
