@@ -4,6 +4,7 @@ gives an error naming the file, image or key, or, where documented, a logged ski
 
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -315,6 +316,23 @@ def test_20_nan_loss_stops_training(make_cfg, config, expected):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _catalogue_row(number):
+    """The quoted messages of row `number` of docs/bad_inputs.md."""
+    with open(os.path.join(REPO, "docs", "bad_inputs.md")) as f:
+        row = next(line for line in f if line.startswith(f"| {number} |"))
+    return re.findall(r"`([^`]+)`", row)
+
+
+def _as_documented(message, quoted):
+    """True if `message` is one of the quoted ones, 'PATH' standing for any path and
+    '[...X...]' for any text."""
+    for q in quoted:
+        pattern = ".*".join(map(re.escape, re.split(r"PATH|\[\.\.\.\w+\.\.\.\]", q)))
+        if re.fullmatch(pattern, message):
+            return True
+    return False
+
+
 @pytest.fixture
 def four_class_checkpoint(make_cfg, tmp_path):
     model = Trainer.build_model(make_cfg("frcn.yaml"))
@@ -353,12 +371,19 @@ def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpo
     }
     for key in skipped:
         assert any(f"Skip loading parameter '{key}'" in m for m in logged), logged
+    # The catalogue quotes fvcore's message for the first key, and the strict paths' error.
+    documented = _catalogue_row(21)
+    assert any(_as_documented(m, documented) for m in logged), (documented, logged)
     assert all(torch.equal(saved[k], state[k]) for k in saved if k not in skipped)
     # train_net.py --eval-only loads strictly: a skipped predictor would score at random.
     model = Trainer.build_model(cfg)
     checkpointer = SafeDetectionCheckpointer(model, skip_mismatched_init=False)
-    with pytest.raises(CheckpointMismatchError, match=expected):
+    with pytest.raises(CheckpointMismatchError, match=expected) as refused:
         checkpointer.resume_or_load(four_class_checkpoint, resume=False)
+    assert _as_documented(f"CheckpointMismatchError: {refused.value}", documented), (
+        str(refused.value),
+        documented,
+    )
     # --resume of a run whose last checkpoint does not fit refuses, naming the key.
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     shutil.copy(four_class_checkpoint, os.path.join(cfg.OUTPUT_DIR, "model_0000009.pth"))
