@@ -71,6 +71,50 @@ def register_user_datasets(coco=(), voc=()):
     return names
 
 
+REGISTER_OPTIONS = (
+    "--register-coco NAME JSON IMAGE_ROOT (COCO format) or --register-voc NAME DIRNAME SPLIT "
+    "CLASSES (PASCAL VOC layout)"
+)
+# Metadata of Detectron2's COCO and VOC registrations (and the project's) naming the files.
+_DATASET_FILES = (
+    ("json_file", "annotation file"),
+    ("image_root", "image folder"),
+    ("dirname", "folder"),
+)
+
+
+def check_datasets(names_by_key):
+    """Raise :class:`DatasetRegistrationError` if a dataset named by a config is not
+    registered, or is registered for files that are not there.
+
+    Detectron2 resolves a name only when a data loader is built: DATASETS.TEST's after
+    training has ended, so a wrong test set (e.g. a zoo config's ``coco_2017_val`` left in
+    place when training on one's own data) would fail only then.
+
+    Args:
+        names_by_key: {config key: dataset names}, e.g. {"DATASETS.TEST": ("my_val",)}.
+    """
+    registered = set(DatasetCatalog.list())
+    for key, names in names_by_key.items():
+        for name in names:
+            if name not in registered:
+                raise DatasetRegistrationError(
+                    f"{key} names dataset {name!r}, which is not registered. Register your "
+                    f"own with train_net.py {REGISTER_OPTIONS}, or name a registered one "
+                    "(Detectron2's builtin ones, ohem_toy_*, bccd_*)."
+                )
+            meta = MetadataCatalog.get(name)
+            for field, what in _DATASET_FILES:
+                path = meta.get(field, None)
+                if isinstance(path, str) and not os.path.exists(path):
+                    raise DatasetRegistrationError(
+                        f"{key} names dataset {name!r}, whose {what} {path} does not exist "
+                        "(Detectron2's builtin datasets are looked for under "
+                        "$DETECTRON2_DATASETS, default ./datasets). To use your own data, "
+                        f"register it with {REGISTER_OPTIONS} and name it in {key}."
+                    )
+
+
 def _registered_as(name, **metadata):
     """True if ``name`` is registered with this metadata already (a second call in the same
     process); raise if it is registered as something else."""

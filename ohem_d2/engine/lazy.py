@@ -16,7 +16,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..model_zoo import ConfigKindError
-from .checkpoint import SafeDetectionCheckpointer
+from .checkpoint import SafeDetectionCheckpointer, warn_if_from_scratch
 from .trainer import ddp_device_ids
 
 __all__ = ["LAZY_FIELDS", "do_test", "do_train", "lazy_main", "load_lazy_config"]
@@ -83,6 +83,10 @@ def do_train(cfg, resume=False):
             else None,
         ]
     )
+    if main:
+        warn_if_from_scratch(
+            checkpointer, cfg.train.init_checkpoint, resume=resume, key="train.init_checkpoint"
+        )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
