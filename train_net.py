@@ -23,6 +23,7 @@ from ohem_d2.engine.allocator import ALLOCATORS, allocator_in_use, relaunch_with
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
 from ohem_d2.engine.datasets import (
     DatasetRegistrationError,
+    add_dataset_registration_arguments,
     check_datasets,
     register_user_datasets,
 )
@@ -148,23 +149,7 @@ def parse_args():
         default="auto",
         help="CPU memory allocator: jemalloc keeps long runs' memory flat (auto: when found)",
     )
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (repeatable)",
-    )
-    parser.add_argument(
-        "--register-voc",
-        nargs=4,
-        action="append",
-        default=[],
-        metavar=("NAME", "DIRNAME", "SPLIT", "CLASSES"),
-        help="register a PASCAL VOC-layout dataset under NAME; CLASSES: comma-separated class "
-        "names, or 'voc' for the 20 PASCAL classes (repeatable)",
-    )
+    add_dataset_registration_arguments(parser)
     return parser.parse_args()
 
 

@@ -28,6 +28,30 @@ class DatasetRegistrationError(ValueError):
     """A dataset given on the command line cannot be registered as asked."""
 
 
+def add_dataset_registration_arguments(parser):
+    """``--register-coco NAME JSON IMAGE_ROOT`` and ``--register-voc NAME DIRNAME SPLIT
+    CLASSES`` (repeatable; ``args.register_coco`` / ``args.register_voc``, lists of tuples to
+    pass to :func:`register_user_datasets`): the options of ``train_net.py`` and of the
+    proposal command lines."""
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--register-voc",
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("NAME", "DIRNAME", "SPLIT", "CLASSES"),
+        help="register a PASCAL VOC-layout dataset under NAME; CLASSES: comma-separated class "
+        "names, or 'voc' for the 20 PASCAL classes (repeatable)",
+    )
+
+
 def register_user_datasets(coco=(), voc=()):
     """Register the user's own datasets, so that a config can name them in DATASETS.TRAIN /
     DATASETS.TEST without editing any script (``train_net.py --register-coco / --register-voc``).
