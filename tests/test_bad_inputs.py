@@ -397,7 +397,9 @@ def four_class_checkpoint(make_cfg, tmp_path):
     return str(path)
 
 
-def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpoint):
+def test_21_checkpoint_with_other_number_of_classes(
+    make_cfg, four_class_checkpoint, small_toy_root, tmp_path
+):
     cfg = make_cfg("frcn.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", 3)
     expected = (
         r"Checkpoint '.*' does not fit .*"
@@ -432,14 +434,16 @@ def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpo
     assert any(_as_documented(m, documented) for m in logged), (documented, logged)
     assert all(torch.equal(saved[k], state[k]) for k in saved if k not in skipped)
     # train_net.py --eval-only loads strictly: a skipped predictor would score at random.
-    model = Trainer.build_model(cfg)
-    checkpointer = SafeDetectionCheckpointer(model, skip_mismatched_init=False)
-    with pytest.raises(CheckpointMismatchError, match=expected) as refused:
-        checkpointer.resume_or_load(four_class_checkpoint, resume=False)
-    assert _as_documented(f"CheckpointMismatchError: {refused.value}", documented), (
-        str(refused.value),
-        documented,
-    )
+    args = ["--config-file", "configs/toy/frcn.yaml", "--eval-only"]
+    args += [*toy_overrides(small_toy_root), *FAST, "MODEL.ROI_HEADS.NUM_CLASSES", 3]
+    args += ["MODEL.WEIGHTS", four_class_checkpoint, "OUTPUT_DIR", tmp_path / "eval"]
+    result = run_train_net(args, os.path.dirname(small_toy_root))
+    assert result.returncode != 0
+    # The traceback's last line (ohem_d2.engine.checkpoint.CheckpointMismatchError: ...).
+    (refused,) = re.findall(r"\bCheckpointMismatchError: .*$", result.stdout, re.M)
+    assert re.search(expected, refused), result.stdout[-3000:]
+    assert _as_documented(refused, documented), (refused, documented)
+    assert "Start inference" not in result.stdout
     # --resume of a run whose last checkpoint does not fit refuses, naming the key.
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     shutil.copy(four_class_checkpoint, os.path.join(cfg.OUTPUT_DIR, "model_0000009.pth"))
