@@ -118,3 +118,17 @@ def test_the_package_cites_no_missing_page():
         if name == "PAPER.md" or name not in pages
     )
     assert not missing, missing
+
+
+def test_m_and_b_keys_say_they_are_yaml_only():
+    """The LazyConfig path (ohem_d2/engine/lazy.py) evaluates with the model's own inference:
+    the page that documents M's and B's keys says so, where the keys are listed."""
+    section = (REPO / "docs" / "options.md").read_text().split("## The paper's bells", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    text = " ".join(section.split())
+    assert "apply to YAML configs only" in text
+    assert "a LazyConfig" in text and "without M or B at test time" in text
+    lazy = (REPO / "ohem_d2" / "engine" / "lazy.py").read_text()
+    assert "MultiScaleRCNN" not in lazy and "IterativeBoxRegressionWithVoting" not in lazy, (
+        "lazy.py applies M or B now: update docs/options.md and this test"
+    )

@@ -5,6 +5,10 @@ config files.
 
 A LazyConfig has Detectron2's ``common/train.py`` fields: ``model``, ``dataloader`` (``train``,
 ``test`` and ``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``.
+
+Evaluation is Detectron2's single-scale inference: the paper's M and B (the YAML keys
+``TEST.AUG``, ``TEST.ITERATIVE_BBOX_REG``, ``TEST.BOX_VOTING``; docs/options.md) are not
+applied to a LazyConfig.
 """
 
 import logging
@@ -45,7 +49,8 @@ def _build_model(cfg):
 
 
 def do_test(cfg, model):
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``, with
+    the model's own inference (no M, no B: those are YAML configs' keys)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     results = inference_on_dataset(
