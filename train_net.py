@@ -21,7 +21,12 @@ import ohem_d2
 from ohem_d2.engine import Trainer, prepare_toy_dataset, register_project_datasets
 from ohem_d2.engine.allocator import ALLOCATORS, allocator_in_use, relaunch_with_allocator
 from ohem_d2.engine.checkpoint import SafeDetectionCheckpointer
-from ohem_d2.engine.datasets import DatasetRegistrationError, register_user_datasets
+from ohem_d2.engine.datasets import (
+    DatasetRegistrationError,
+    add_dataset_registration_arguments,
+    check_datasets,
+    register_user_datasets,
+)
 from ohem_d2.engine.distributed import DistributedSetupError, check_devices, check_dist_url
 from ohem_d2.model_zoo import ConfigKindError, is_lazy_config, merge_config_file
 
@@ -88,6 +93,10 @@ def check_setup(args):
         lazy = load_lazy_config(args.config_file, args.opts)
         device, ims_per_batch, cfg = lazy.train.device, lazy.dataloader.train.total_batch_size, None
         device_key, batch_key, hint = "train.device", "dataloader.train.total_batch_size", ""
+        train_sets, test_sets = (
+            (f"dataloader.{split}.dataset.names", _lazy_dataset_names(lazy, split))
+            for split in ("train", "test")
+        )
     else:
         cfg = build_cfg(args)
         device, device_key, batch_key = cfg.MODEL.DEVICE, "MODEL.DEVICE", "SOLVER.IMS_PER_BATCH"
@@ -96,6 +105,10 @@ def check_setup(args):
         hint = (
             " Or set SOLVER.REFERENCE_WORLD_SIZE to the number of processes the batch and "
             "schedule were set for: Detectron2 then scales them to this run's."
+        )
+        train_sets, test_sets = (
+            ("DATASETS.TRAIN", cfg.DATASETS.TRAIN),
+            ("DATASETS.TEST", cfg.DATASETS.TEST),
         )
     processes = check_devices(
         device,
@@ -112,7 +125,20 @@ def check_setup(args):
     if cfg is not None:
         # Generated once here, before any worker process starts (a no-op when present).
         prepare_toy_dataset(cfg)
+    # Detectron2 looks a dataset up when its loader is built: the test set's only after
+    # training has ended. Evaluation reads no training set.
+    check_datasets(dict([test_sets] if args.eval_only else [train_sets, test_sets]))
     return processes
+
+
+def _lazy_dataset_names(lazy, split):
+    """The dataset names of a LazyConfig's ``dataloader.<split>`` (Detectron2's
+    ``get_detection_dataset_dicts(names=...)``), () where it has none."""
+    try:
+        names = lazy.dataloader[split].dataset.names
+    except (AttributeError, KeyError):
+        return ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def parse_args():
@@ -123,23 +149,7 @@ def parse_args():
         default="auto",
         help="CPU memory allocator: jemalloc keeps long runs' memory flat (auto: when found)",
     )
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (repeatable)",
-    )
-    parser.add_argument(
-        "--register-voc",
-        nargs=4,
-        action="append",
-        default=[],
-        metavar=("NAME", "DIRNAME", "SPLIT", "CLASSES"),
-        help="register a PASCAL VOC-layout dataset under NAME; CLASSES: comma-separated class "
-        "names, or 'voc' for the 20 PASCAL classes (repeatable)",
-    )
+    add_dataset_registration_arguments(parser)
     return parser.parse_args()
 
 

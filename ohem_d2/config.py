@@ -1,4 +1,5 @@
-"""Config keys of ohem-d2. Defaults are the paper's values (PAPER.md, authors' Caffe code)."""
+"""Config keys of ohem-d2. Defaults are the paper's values (Shrivastava et al., CVPR 2016,
+Secs. 4-6) and its authors' Caffe code's."""
 
 from detectron2.config import CfgNode as CN
 
@@ -155,7 +156,8 @@ def add_ohem_config(cfg):
     # The paper's B (after MR-CNN, Gidaris & Komodakis 2015): proposals are scored and
     # regressed (R1), R1 again with the same network (R2); NMS on R1 U R2, then each kept box
     # is replaced by the score-weighted mean of its class's boxes that overlap it. The
-    # values marked "paper" are PAPER.md's; "MR-CNN" marks its code's, not the default.
+    # values marked "paper" are the paper's (Sec. 6); "MR-CNN" marks its code's, not the
+    # default.
     # Standard and C4 heads (OHEM or not); refused for Cascade heads, whose stages already
     # regress iteratively.
     _C.TEST.ITERATIVE_BBOX_REG = CN()

@@ -4,20 +4,23 @@ gives an error naming the file, image or key, or, where documented, a logged ski
 
 import logging
 import os
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import FAST, REPO, toy_overrides
+from helpers import FAST, REPO, run_train_net, toy_overrides
 
 import ohem_d2
 from ohem_d2.data.proposal_io import ProposalFileError, read_proposal_file, save_proposals_npz
 from ohem_d2.data.toy import TOY_CLASS_NAMES, toy_proposal_file
 from ohem_d2.engine import Trainer
 from ohem_d2.engine.checkpoint import CheckpointMismatchError, SafeDetectionCheckpointer
+from ohem_d2.engine.datasets import DatasetRegistrationError
 from ohem_d2.engine.loaders import UnreadableImageError, proposal_mapper
 
 
@@ -251,10 +254,64 @@ def test_13_corrupt_jpeg_skipped_in_training_named_at_test_time(make_cfg, regist
         next(iter(Trainer.build_train_loader(cfg)))
 
 
-def test_14_unknown_dataset_name(make_cfg):
+def test_14_unknown_dataset_name(make_cfg, small_toy_root, tmp_path):
     cfg = make_cfg("frcn.yaml", "DATASETS.TRAIN", ("voc_2077_trainval",))
     with pytest.raises(KeyError, match="Dataset 'voc_2077_trainval' is not registered"):
         Trainer.build_train_loader(cfg)
+    # Detectron2 looks DATASETS.TEST up only when it evaluates, after training: the trainer
+    # builds.
+    Trainer(make_cfg("frcn.yaml", "DATASETS.TEST", ("my_val",)))
+    # train_net.py refuses it before the launch, naming the key and how to register one.
+    args = ["--config-file", "configs/toy/frcn.yaml", *toy_overrides(small_toy_root), *FAST]
+    args += ["DATASETS.TEST", "('my_val',)", "OUTPUT_DIR", tmp_path / "run"]
+    result = run_train_net(args, os.path.dirname(small_toy_root))
+    assert result.returncode != 0
+    assert (
+        "ERROR: DATASETS.TEST names dataset 'my_val', which is not registered. Register your "
+        "own with train_net.py --register-coco NAME JSON IMAGE_ROOT (COCO format) or "
+        "--register-voc NAME DIRNAME SPLIT CLASSES" in result.stdout
+    ), result.stdout[-3000:]
+    assert "Starting training" not in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def _train_net():
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import train_net
+
+    return train_net
+
+
+@pytest.fixture
+def catalog_restored():
+    """Datasets registered during the test (train_net registers the project's) removed."""
+    before = set(DatasetCatalog.list())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_23_dataset_without_its_files(catalog_restored, monkeypatch, eval_only):
+    """A zoo config's COCO sets (registered by Detectron2 whether COCO is there or not): the
+    LazyConfig, for the train set, or with --eval-only, for the test set alone."""
+    train_net = _train_net()
+    loader, split = ("test", "val") if eval_only else ("train", "train")
+    json_file = MetadataCatalog.get(f"coco_2017_{split}").json_file
+    if os.path.exists(json_file):
+        pytest.skip(f"COCO is on this machine ({json_file})")
+    config = os.path.join(REPO, "configs", "lazy", "mask_rcnn_fpn_ohem.py")
+    argv = ["train_net.py", *["--eval-only"] * eval_only, "--config-file", config]
+    monkeypatch.setattr(sys, "argv", [*argv, "train.device=cpu"])
+    expected = (
+        f"dataloader.{loader}.dataset.names names dataset 'coco_2017_{split}', whose "
+        f"annotation file {json_file} does not exist .* register it with --register-coco NAME "
+        f"JSON IMAGE_ROOT .* and name it in dataloader.{loader}.dataset.names"
+    )
+    with pytest.raises(DatasetRegistrationError, match=expected):
+        train_net.check_setup(train_net.parse_args())
 
 
 def test_15_empty_dataset(make_cfg, register):
@@ -315,6 +372,23 @@ def test_20_nan_loss_stops_training(make_cfg, config, expected):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _catalogue_row(number):
+    """The quoted messages of row `number` of docs/bad_inputs.md."""
+    with open(os.path.join(REPO, "docs", "bad_inputs.md")) as f:
+        row = next(line for line in f if line.startswith(f"| {number} |"))
+    return re.findall(r"`([^`]+)`", row)
+
+
+def _as_documented(message, quoted):
+    """True if `message` is one of the quoted ones, 'PATH' standing for any path and
+    '[...X...]' for any text."""
+    for q in quoted:
+        pattern = ".*".join(map(re.escape, re.split(r"PATH|\[\.\.\.\w+\.\.\.\]", q)))
+        if re.fullmatch(pattern, message):
+            return True
+    return False
+
+
 @pytest.fixture
 def four_class_checkpoint(make_cfg, tmp_path):
     model = Trainer.build_model(make_cfg("frcn.yaml"))
@@ -323,7 +397,9 @@ def four_class_checkpoint(make_cfg, tmp_path):
     return str(path)
 
 
-def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpoint):
+def test_21_checkpoint_with_other_number_of_classes(
+    make_cfg, four_class_checkpoint, small_toy_root, tmp_path
+):
     cfg = make_cfg("frcn.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", 3)
     expected = (
         r"Checkpoint '.*' does not fit .*"
@@ -353,12 +429,21 @@ def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpo
     }
     for key in skipped:
         assert any(f"Skip loading parameter '{key}'" in m for m in logged), logged
+    # The catalogue quotes fvcore's message for the first key, and the strict paths' error.
+    documented = _catalogue_row(21)
+    assert any(_as_documented(m, documented) for m in logged), (documented, logged)
     assert all(torch.equal(saved[k], state[k]) for k in saved if k not in skipped)
     # train_net.py --eval-only loads strictly: a skipped predictor would score at random.
-    model = Trainer.build_model(cfg)
-    checkpointer = SafeDetectionCheckpointer(model, skip_mismatched_init=False)
-    with pytest.raises(CheckpointMismatchError, match=expected):
-        checkpointer.resume_or_load(four_class_checkpoint, resume=False)
+    args = ["--config-file", "configs/toy/frcn.yaml", "--eval-only"]
+    args += [*toy_overrides(small_toy_root), *FAST, "MODEL.ROI_HEADS.NUM_CLASSES", 3]
+    args += ["MODEL.WEIGHTS", four_class_checkpoint, "OUTPUT_DIR", tmp_path / "eval"]
+    result = run_train_net(args, os.path.dirname(small_toy_root))
+    assert result.returncode != 0
+    # The traceback's last line (ohem_d2.engine.checkpoint.CheckpointMismatchError: ...).
+    (refused,) = re.findall(r"\bCheckpointMismatchError: .*$", result.stdout, re.M)
+    assert re.search(expected, refused), result.stdout[-3000:]
+    assert _as_documented(refused, documented), (refused, documented)
+    assert "Start inference" not in result.stdout
     # --resume of a run whose last checkpoint does not fit refuses, naming the key.
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     shutil.copy(four_class_checkpoint, os.path.join(cfg.OUTPUT_DIR, "model_0000009.pth"))
@@ -366,6 +451,28 @@ def test_21_checkpoint_with_other_number_of_classes(make_cfg, four_class_checkpo
         f.write("model_0000009.pth")
     with pytest.raises(CheckpointMismatchError, match=expected):
         Trainer(cfg).resume_or_load(resume=True)
+
+
+def test_24_training_from_no_weights_is_said(make_cfg, four_class_checkpoint, tmp_path):
+    documented = _catalogue_row(24)
+
+    def warned(resume=False, *opts):
+        trainer = Trainer(make_cfg("frcn.yaml", *opts))
+        with _Records("detectron2.trainer") as log:
+            trainer.resume_or_load(resume=resume)
+        return any(_as_documented(m, documented) for m in log.messages)
+
+    assert warned(False, "MODEL.WEIGHTS", "")
+    # --resume without a checkpoint to resume starts from MODEL.WEIGHTS too.
+    assert warned(True, "MODEL.WEIGHTS", "")
+    assert not warned(False, "MODEL.WEIGHTS", four_class_checkpoint)
+    # A run resumed from its last checkpoint has weights.
+    out = str(tmp_path / "resumed")
+    os.makedirs(out)
+    shutil.copy(four_class_checkpoint, os.path.join(out, "model_0000009.pth"))
+    with open(os.path.join(out, "last_checkpoint"), "w") as f:
+        f.write("model_0000009.pth")
+    assert not warned(True, "MODEL.WEIGHTS", "", "OUTPUT_DIR", out)
 
 
 def test_22_checkpoint_of_another_architecture(make_cfg, four_class_checkpoint):

@@ -211,5 +211,21 @@ def test_roi_loss_probe_sees_the_scores_as_trained_under_prior_correction():
         probe.trainer = SimpleNamespace(model=model)
         losses.append(probe.roi_losses()[0])
     torch.testing.assert_close(losses[0], losses[1])
-    # Control: the correction does change the scores it is applied to.
-    assert corrected.roi_heads.class_prior_shift().abs().min() > 0.1
+    # Control: the correction does change the scores it is applied to. The same model on the
+    # same image, evaluated as recommended (corrected) and as the paper's OHEM (uncorrected):
+    # the class logits differ by the shift, and so do the detections' scores.
+    shift = corrected.roi_heads.class_prior_shift()
+    assert shift.abs().min() > 0.1
+    logits = []
+    corrected.roi_heads.box_predictor.register_forward_hook(
+        lambda module, args, outputs: logits.append(outputs[0].detach())
+    )
+    corrected.eval()
+    with torch.no_grad():
+        (recommended,) = corrected(inputs)
+        with corrected.roi_heads.uncorrected():
+            (paper,) = corrected(inputs)
+    torch.testing.assert_close(logits[0] - logits[1], shift.expand_as(logits[0]).to(logits[0]))
+    recommended, paper = recommended["instances"], paper["instances"]
+    assert len(recommended) and len(paper)
+    assert len(recommended) != len(paper) or not torch.allclose(recommended.scores, paper.scores)

@@ -101,3 +101,34 @@ def test_the_pages_name_no_missing_module():
                 finally:
                     os.chdir(cwd)
     assert not missing, sorted(missing)
+
+
+def test_the_package_cites_no_missing_page():
+    """The package's code and configs (also in the wheel, where no page is) cite the paper by
+    section or table, not a PAPER.md the repository never had; an upper-case page they name
+    (README.md, ...) is one of the repository's."""
+    sources = [p for p in (REPO / "ohem_d2").rglob("*") if p.suffix in (".py", ".yaml")]
+    sources += [REPO / "train_net.py", *PAGES]
+    assert len(sources) > 50
+    pages = {p.name for p in REPO.rglob("*.md") if ".git" not in p.parts}
+    missing = sorted(
+        f"{p.relative_to(REPO)}: {name}"
+        for p in sources
+        for name in set(re.findall(r"\b[A-Z][A-Z_]*\.md\b", p.read_text()))
+        if name == "PAPER.md" or name not in pages
+    )
+    assert not missing, missing
+
+
+def test_m_and_b_keys_say_they_are_yaml_only():
+    """The LazyConfig path (ohem_d2/engine/lazy.py) evaluates with the model's own inference:
+    the page that documents M's and B's keys says so, where the keys are listed."""
+    section = (REPO / "docs" / "options.md").read_text().split("## The paper's bells", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    text = " ".join(section.split())
+    assert "apply to YAML configs only" in text
+    assert "a LazyConfig" in text and "without M or B at test time" in text
+    lazy = (REPO / "ohem_d2" / "engine" / "lazy.py").read_text()
+    assert "MultiScaleRCNN" not in lazy and "IterativeBoxRegressionWithVoting" not in lazy, (
+        "lazy.py applies M or B now: update docs/options.md and this test"
+    )

@@ -175,6 +175,10 @@ def test_lazy_config_mask_rcnn_with_ohem_head(toy_coco, tmp_path):
     ]
     result = _run_lazy_mask_rcnn(toy_coco, tmp_path, overrides)
     assert result.returncode == 0, result.stdout[-4000:]
+    # The config's train.init_checkpoint is empty: the run says it trains from scratch.
+    assert "train.init_checkpoint is empty: training starts from random initialisation" in (
+        result.stdout
+    )
     # COCOEvaluator finds the tasks from the predictions: boxes and masks.
     assert set(_tasks(result.stdout)) == {"bbox", "segm"}, result.stdout[-3000:]
     # The miner's batch size is linked to the head's: 64 hard RoIs per image.

@@ -199,3 +199,86 @@ def test_trainer_test_uses_b_only_when_asked(small_toy_registered):
     assert any(
         not torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) for (_, a), (_, b) in zip(off, on)
     )
+
+
+def _voted_by_hand(candidates, nms_thresh, iou_thresh, cap):
+    """Box voting recomputed without the project's code: NMS (torchvision), then each kept box
+    the score-weighted mean of ALL candidates (before NMS) of its class with IoU >= iou_thresh
+    with it, the IoU written out. Returns the kept boxes, their voted boxes and, per kept
+    box, how many of its voters NMS had suppressed."""
+    from torchvision.ops import batched_nms
+
+    boxes, scores, classes = (
+        candidates.pred_boxes.tensor.double(),
+        candidates.scores.double(),
+        candidates.pred_classes,
+    )
+    keep = batched_nms(boxes.float(), scores.float(), classes, nms_thresh)[:cap]
+    kept, voted, suppressed_voters = boxes[keep], [], []
+    for k in keep.tolist():
+        x0, y0, x1, y1 = boxes[k].tolist()
+        num, den, suppressed = torch.zeros(4, dtype=torch.float64), 0.0, 0
+        for j in range(len(boxes)):
+            if classes[j] != classes[k]:
+                continue
+            a0, b0, a1, b1 = boxes[j].tolist()
+            inter = max(0.0, min(x1, a1) - max(x0, a0)) * max(0.0, min(y1, b1) - max(y0, b0))
+            union = (x1 - x0) * (y1 - y0) + (a1 - a0) * (b1 - b0) - inter
+            # A zero-area box overlaps nothing (torchvision's IoU: 0 / 0, NaN).
+            if union > 0 and inter / union >= iou_thresh:
+                num += scores[j] * boxes[j]
+                den += scores[j].item()
+                suppressed += j not in keep.tolist()
+        voted.append(num / den if den > 0 else boxes[k])
+        suppressed_voters.append(suppressed)
+    return kept, torch.stack(voted), suppressed_voters
+
+
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("iterative", [False, True], ids=["voting", "B"])
+def test_voting_is_the_score_weighted_mean_over_all_candidates(kind, iterative, monkeypatch):
+    """On every head (VGG Standard, OHEM, OHEM C4, Detectron2's FPN and C4): each detection
+    is the score-weighted mean of the boxes of its class with IoU >= 0.5 with it among ALL
+    the candidates before NMS (R1, or R1 U R2), recomputed by hand from the candidates the
+    wrapper made (captured). Voting among the NMS survivors only would leave boxes unmoved."""
+    import ohem_d2.modeling.iterative_box_regression as ibr
+
+    opts = B_ON if iterative else B_ON[2:]
+    model, cfg, inputs = build(kind, *opts)
+    if "proposals" in inputs[0]:
+        # Each proposal twice, the copy a few pixels off: overlapping candidates of a class.
+        proposals = inputs[0]["proposals"]
+        boxes = proposals.proposal_boxes.tensor
+        shifted = Boxes(torch.cat([boxes, boxes + torch.tensor([3.0, 2.0, 4.0, 1.0])]))
+        inputs[0]["proposals"] = Instances(
+            proposals.image_size,
+            proposal_boxes=shifted,
+            objectness_logits=torch.zeros(len(shifted)),
+        )
+    else:
+        # The RPN's proposals: spread scores and deltas so that classes and passes differ.
+        spread(model)
+    settings = BoxRefinementSettings.from_config(cfg)
+    assert settings.voting and settings.nms_thresh == 0.3 and settings.voting_iou_thresh == 0.5
+    captured = []
+
+    def capture(*args, **kwargs):
+        result = candidate_detections(*args, **kwargs)
+        captured.append(result[2][0].to("cpu"))
+        return result
+
+    monkeypatch.setattr(ibr, "candidate_detections", capture)
+    with torch.no_grad():
+        (out,) = IterativeBoxRegressionWithVoting(model, settings).inference(
+            inputs, do_postprocess=False
+        )
+    (candidates,) = captured
+    kept, expected, suppressed_voters = _voted_by_hand(
+        candidates, settings.nms_thresh, settings.voting_iou_thresh, settings.detections_per_image
+    )
+    assert len(out) == len(expected) > 0
+    torch.testing.assert_close(out.pred_boxes.tensor.cpu().double(), expected, rtol=0, atol=1e-3)
+    # Not degenerate: boxes NMS suppressed voted, and moved a detection by more than the
+    # tolerance.
+    assert max(suppressed_voters) > 0
+    assert (expected - kept).abs().max() > 0.05, (expected - kept).abs().max()

@@ -180,3 +180,47 @@ def test_worker_pool_does_not_hang_after_opencv_ran_in_the_parent(image_files, t
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(read_proposal_file(out).ids) == 4
+
+
+def test_cli_on_ones_own_coco_dataset(tmp_path, capsys):
+    """--register-coco, as train_net.py takes it: proposals for a dataset of one's own, keyed
+    by its COCO image ids, the same boxes as for the image files themselves."""
+    import json
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    images, files = [], []
+    for image_id, seed in ((7, 0), (9, 1)):
+        Image.fromarray(_scene(seed, height=64, width=80)).save(images_dir / f"im{seed}.jpg")
+        images.append({"id": image_id, "file_name": f"im{seed}.jpg", "height": 64, "width": 80})
+        files.append((str(image_id), str(images_dir / f"im{seed}.jpg")))
+    annotation = {"id": 1, "image_id": 7, "category_id": 1, "bbox": [4, 4, 20, 20]}
+    annotation.update(area=400, iscrowd=0)
+    coco = {"images": images, "annotations": [annotation], "categories": [{"id": 1, "name": "a"}]}
+    json_file = tmp_path / "mine.json"
+    json_file.write_text(json.dumps(coco))
+
+    out = str(tmp_path / "ss_mine.npz")
+    command = ["--dataset", "ss_mine", "--out", out, "--min-size", "8", "--workers", "1"]
+    command += ["--no-progress"]
+    register = ["--register-coco", "ss_mine", str(json_file), str(images_dir)]
+    try:
+        # Without the option the name is unknown, and the error says how to register it.
+        assert main(command) == 1
+        assert "--register-coco NAME JSON IMAGE_ROOT" in capsys.readouterr().err
+        assert main([*register, *command]) == 0
+        assert "wrote" in capsys.readouterr().out
+        expected = str(tmp_path / "expected.npz")
+        compute_proposal_file(files, expected, min_size=8, workers=1, progress=False)
+        assert read_proposal_file(out).ids == ["7", "9"]
+        assert open(out, "rb").read() == open(expected, "rb").read()
+        # A name taken by another dataset is refused as train_net.py refuses it.
+        taken = ["--register-coco", "coco_2017_val", str(json_file), str(images_dir)]
+        assert main([*taken, *command, "--overwrite"]) == 1
+        assert "already registered" in capsys.readouterr().err
+    finally:
+        if "ss_mine" in DatasetCatalog.list():
+            DatasetCatalog.remove("ss_mine")
+            MetadataCatalog.remove("ss_mine")

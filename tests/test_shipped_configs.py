@@ -38,7 +38,7 @@ def test_bells_and_whistles_variants(name):
     m, b = "M" in variant, "B" in variant
     assert cfg.TEST.AUG.ENABLED == m
     assert cfg.TEST.ITERATIVE_BBOX_REG.ENABLED == cfg.TEST.BOX_VOTING.ENABLED == b
-    if m:  # the paper's scales (PAPER.md), no flip
+    if m:  # the paper's scales (the paper's Sec. 6), no flip
         assert cfg.INPUT.MIN_SIZE_TRAIN == (480, 576, 688, 864, 900)
         assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
         assert cfg.INPUT.MAX_SIZE_TRAIN == 1000

@@ -27,7 +27,12 @@ from detectron2.utils.file_io import PathManager
 
 from ..fileio import write_atomic
 
-__all__ = ["CheckpointMismatchError", "SafeDetectionCheckpointer", "UnsafeCheckpointError"]
+__all__ = [
+    "CheckpointMismatchError",
+    "SafeDetectionCheckpointer",
+    "UnsafeCheckpointError",
+    "warn_if_from_scratch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +167,23 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             raise _mismatch_error(self._loading, incompatible.incorrect_shapes)
         # Otherwise fvcore's load() logs each skipped key, as Detectron2 does.
         return incompatible
+
+
+def warn_if_from_scratch(checkpointer, path: str, *, resume: bool, key: str) -> bool:
+    """Log a warning, and return True, if ``checkpointer.resume_or_load(path, resume=resume)``
+    would leave the model as initialised: no checkpoint to resume and an empty `path` (the
+    config key `key`). fvcore says so only at INFO level ("No checkpoint found.
+    Initializing model from scratch"), easily missed when a run was meant to fine-tune."""
+    if path or (resume and checkpointer.has_checkpoint()):
+        return False
+    logging.getLogger("detectron2.trainer").warning(
+        "%s is empty: training starts from random initialisation, with no pretrained "
+        "weights. Set %s to a checkpoint, e.g. ImageNet weights converted with "
+        "python -m ohem_d2.convert_weights, or a Detectron2 model-zoo .pkl.",
+        key,
+        key,
+    )
+    return True
 
 
 def _mismatch_error(path: str, incorrect_shapes) -> CheckpointMismatchError:

@@ -28,6 +28,30 @@ class DatasetRegistrationError(ValueError):
     """A dataset given on the command line cannot be registered as asked."""
 
 
+def add_dataset_registration_arguments(parser):
+    """``--register-coco NAME JSON IMAGE_ROOT`` and ``--register-voc NAME DIRNAME SPLIT
+    CLASSES`` (repeatable; ``args.register_coco`` / ``args.register_voc``, lists of tuples to
+    pass to :func:`register_user_datasets`): the options of ``train_net.py`` and of the
+    proposal command lines."""
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--register-voc",
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("NAME", "DIRNAME", "SPLIT", "CLASSES"),
+        help="register a PASCAL VOC-layout dataset under NAME; CLASSES: comma-separated class "
+        "names, or 'voc' for the 20 PASCAL classes (repeatable)",
+    )
+
+
 def register_user_datasets(coco=(), voc=()):
     """Register the user's own datasets, so that a config can name them in DATASETS.TRAIN /
     DATASETS.TEST without editing any script (``train_net.py --register-coco / --register-voc``).
@@ -69,6 +93,50 @@ def register_user_datasets(coco=(), voc=()):
         # The year only selects VOC07's 11-point AP (2007) or the all-point AP (2012).
         register_pascal_voc(name, dirname, split, 2012, class_names)
     return names
+
+
+REGISTER_OPTIONS = (
+    "--register-coco NAME JSON IMAGE_ROOT (COCO format) or --register-voc NAME DIRNAME SPLIT "
+    "CLASSES (PASCAL VOC layout)"
+)
+# Metadata of Detectron2's COCO and VOC registrations (and the project's) naming the files.
+_DATASET_FILES = (
+    ("json_file", "annotation file"),
+    ("image_root", "image folder"),
+    ("dirname", "folder"),
+)
+
+
+def check_datasets(names_by_key):
+    """Raise :class:`DatasetRegistrationError` if a dataset named by a config is not
+    registered, or is registered for files that are not there.
+
+    Detectron2 resolves a name only when a data loader is built: DATASETS.TEST's after
+    training has ended, so a wrong test set (e.g. a zoo config's ``coco_2017_val`` left in
+    place when training on one's own data) would fail only then.
+
+    Args:
+        names_by_key: {config key: dataset names}, e.g. {"DATASETS.TEST": ("my_val",)}.
+    """
+    registered = set(DatasetCatalog.list())
+    for key, names in names_by_key.items():
+        for name in names:
+            if name not in registered:
+                raise DatasetRegistrationError(
+                    f"{key} names dataset {name!r}, which is not registered. Register your "
+                    f"own with train_net.py {REGISTER_OPTIONS}, or name a registered one "
+                    "(Detectron2's builtin ones, ohem_toy_*, bccd_*)."
+                )
+            meta = MetadataCatalog.get(name)
+            for field, what in _DATASET_FILES:
+                path = meta.get(field, None)
+                if isinstance(path, str) and not os.path.exists(path):
+                    raise DatasetRegistrationError(
+                        f"{key} names dataset {name!r}, whose {what} {path} does not exist "
+                        "(Detectron2's builtin datasets are looked for under "
+                        "$DETECTRON2_DATASETS, default ./datasets). To use your own data, "
+                        f"register it with {REGISTER_OPTIONS} and name it in {key}."
+                    )
 
 
 def _registered_as(name, **metadata):

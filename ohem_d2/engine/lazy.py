@@ -5,6 +5,10 @@ config files.
 
 A LazyConfig has Detectron2's ``common/train.py`` fields: ``model``, ``dataloader`` (``train``,
 ``test`` and ``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``.
+
+Evaluation is Detectron2's single-scale inference: the paper's M and B (the YAML keys
+``TEST.AUG``, ``TEST.ITERATIVE_BBOX_REG``, ``TEST.BOX_VOTING``; docs/options.md) are not
+applied to a LazyConfig.
 """
 
 import logging
@@ -16,7 +20,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..model_zoo import ConfigKindError
-from .checkpoint import SafeDetectionCheckpointer
+from .checkpoint import SafeDetectionCheckpointer, warn_if_from_scratch
 from .trainer import ddp_device_ids
 
 __all__ = ["LAZY_FIELDS", "do_test", "do_train", "lazy_main", "load_lazy_config"]
@@ -45,7 +49,8 @@ def _build_model(cfg):
 
 
 def do_test(cfg, model):
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``, with
+    the model's own inference (no M, no B: those are YAML configs' keys)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     results = inference_on_dataset(
@@ -83,6 +88,10 @@ def do_train(cfg, resume=False):
             else None,
         ]
     )
+    if main:
+        warn_if_from_scratch(
+            checkpointer, cfg.train.init_checkpoint, resume=resume, key="train.init_checkpoint"
+        )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

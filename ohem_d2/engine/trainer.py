@@ -19,7 +19,7 @@ from ..modeling.iterative_box_regression import (
     IterativeBoxRegressionWithVoting,
 )
 from ..modeling.multiscale import MultiScaleRCNN
-from .checkpoint import SafeDetectionCheckpointer
+from .checkpoint import SafeDetectionCheckpointer, warn_if_from_scratch
 from .evaluation import build_detection_evaluator
 from .loaders import (
     build_multiscale_test_loader,
@@ -64,6 +64,10 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
+        if comm.is_main_process():
+            warn_if_from_scratch(
+                self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume, key="MODEL.WEIGHTS"
+            )
         super().resume_or_load(resume=resume)
         if resume and comm.is_main_process():
             # Metrics logged after the checkpoint describe work that is lost and redone now.

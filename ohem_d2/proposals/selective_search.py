@@ -4,6 +4,10 @@ Usage::
 
     python -m ohem_d2.proposals.selective_search --dataset voc_2007_test \\
         --out datasets/proposals/ss_voc_2007_test.npz [--mode fast|quality] [--workers N]
+    python -m ohem_d2.proposals.selective_search --dataset my_train \\
+        --register-coco my_train /data/my/train.json /data/my/images --out ss_my_train.npz
+
+``--register-coco`` / ``--register-voc`` register one's own dataset as ``train_net.py``'s do.
 
 The boxes: :mod:`.search`; the run over many images, resumable: :mod:`.compute`.
 """
@@ -15,6 +19,12 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 
 from ..data.catalog import dataset_images
+from ..engine.datasets import (
+    REGISTER_OPTIONS,
+    DatasetRegistrationError,
+    add_dataset_registration_arguments,
+    register_user_datasets,
+)
 from .cli import add_output_arguments, parse_command
 from .compute import compute_proposal_file
 from .partial import partial_dir
@@ -29,7 +39,13 @@ def _parser():
         description="Compute selective-search proposals of a Detectron2 dataset into a safe "
         ".npz proposal file. Interrupt at will: rerunning the same command resumes.",
     )
-    parser.add_argument("--dataset", required=True, help="registered Detectron2 dataset name")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="Detectron2 dataset name: a builtin or project one, or one registered with "
+        "--register-coco / --register-voc",
+    )
+    add_dataset_registration_arguments(parser)
     parser.add_argument("--out", required=True, help="output .npz file")
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument(
@@ -60,7 +76,15 @@ def main(argv=None) -> int:
     args = parse_command(_parser(), argv)
     if args is None:
         return 1
-    images = dataset_images(args.dataset, toy_root=args.toy_root)
+    try:
+        register_user_datasets(coco=args.register_coco, voc=args.register_voc)
+        images = dataset_images(args.dataset, toy_root=args.toy_root)
+    except DatasetRegistrationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:
+        print(f"error: {e.args[0]}. Register your own with {REGISTER_OPTIONS}.", file=sys.stderr)
+        return 1
     try:
         run = compute_proposal_file(
             images,
