@@ -134,7 +134,9 @@ def _check_setup(*opts, num_gpus=4):
     import train_net
 
     argv = ["--config-file", "configs/frcn_vgg16_ohem.yaml", "--num-gpus", str(num_gpus)]
-    argv += ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *map(str, opts)]
+    # No datasets: the check of the batch is the subject here, not the data.
+    argv += ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "DATASETS.TRAIN", "()"]
+    argv += ["DATASETS.TEST", "()", *map(str, opts)]
     old, sys.argv = sys.argv, ["train_net.py", *argv]
     try:
         return train_net.check_setup(train_net.parse_args())
