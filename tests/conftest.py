@@ -41,3 +41,13 @@ def small_toy_registered(small_toy_root):
     for name in TOY_DATASET_NAMES:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tensors this small gain nothing from threads,
+    which only wait on each other (several times slower on a busy machine)."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)

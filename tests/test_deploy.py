@@ -18,11 +18,11 @@ from detectron2.config import get_cfg
 from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, StandardROIHeads
-from detectron2.structures import Boxes
 from helpers import DEVICE, ZOO_SMALL
 from torch import Tensor, nn
 
 from ohem_d2.config import add_ohem_config
+from ohem_d2.export import SCRIPT_FIELDS  # the fields Detectron2's export_model.py declares
 from ohem_d2.modeling.ohem import OHEMCascadeROIHeads, OHEMRes5ROIHeads, OHEMROIHeads
 
 # Tracing Detectron2's models warns wherever a shape becomes a Python value; the outputs are
@@ -41,18 +41,6 @@ MODELS = {
 # and the mask and keypoint heads run. Unit-scale pixels: on raw ones, random weights give
 # keypoint logits in the thousands, which overflow Detectron2's heatmap decoding.
 SMALL = [*map(str, ZOO_SMALL), "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", "(16,)"]
-
-# The fields tools/deploy/export_model.py declares for scripting.
-SCRIPT_FIELDS = {
-    "proposal_boxes": Boxes,
-    "objectness_logits": Tensor,
-    "pred_boxes": Boxes,
-    "scores": Tensor,
-    "pred_classes": Tensor,
-    "pred_masks": Tensor,
-    "pred_keypoints": Tensor,
-    "pred_keypoint_heatmaps": Tensor,
-}
 
 
 def _cfg(name, *opts):
@@ -74,14 +62,7 @@ def _build_pair(name):
     return stock, ohem
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors this small gain nothing from threads, which only wait on each other (several
-    # times slower on a busy machine).
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cached(build):

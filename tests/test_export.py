@@ -36,12 +36,7 @@ FRCN_OPTS = [
 R50_CONFIG = "faster_rcnn_R_50_FPN_ohem.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
