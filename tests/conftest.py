@@ -51,3 +51,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(num_threads)
+
+
+@pytest.fixture
+def catalog_restored():
+    """Datasets registered during the test removed after it (train_net's pre-launch check
+    registers the project's, the toy set at its default root), so that later tests can
+    register theirs."""
+    before = set(DatasetCatalog.list())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

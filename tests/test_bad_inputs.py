@@ -283,16 +283,6 @@ def _train_net():
     return train_net
 
 
-@pytest.fixture
-def catalog_restored():
-    """Datasets registered during the test (train_net registers the project's) removed."""
-    before = set(DatasetCatalog.list())
-    yield
-    for name in set(DatasetCatalog.list()) - before:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
 @pytest.mark.parametrize("eval_only", [False, True])
 def test_23_dataset_without_its_files(catalog_restored, monkeypatch, eval_only):
     """A zoo config's COCO sets (registered by Detectron2 whether COCO is there or not): the

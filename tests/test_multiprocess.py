@@ -144,7 +144,7 @@ def _check_setup(*opts, num_gpus=4):
         sys.argv = old
 
 
-def test_pre_launch_check_judges_the_scaled_batch(monkeypatch):
+def test_pre_launch_check_judges_the_scaled_batch(monkeypatch, catalog_restored):
     from ohem_d2.engine.distributed import DistributedSetupError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
