@@ -30,7 +30,7 @@ def fit_model_calibration(cfg, model, dataset_name):
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
     from .engine import Trainer
-    from .engine.calibration import fit_platt, matched_flags
+    from .engine.calibration import class_index, fit_platt, matched_flags
 
     heads = model.roi_heads
     if not getattr(heads, "score_calibration", False):
@@ -44,22 +44,15 @@ def fit_model_calibration(cfg, model, dataset_name):
     matched, _ = matched_flags(
         detections, DatasetCatalog.get(dataset_name), dataset_name=dataset_name
     )
-    meta_ids = _class_index(dataset_name)
+    to_class = class_index(dataset_name)
     params = fit_platt(
         [d["score"] for d in detections],
         matched,
-        [meta_ids(d["category_id"]) for d in detections],
+        [to_class(d["category_id"]) for d in detections],
         heads.num_classes,
     )
     heads.ohem_score_calibration.copy_(torch.as_tensor(params, dtype=torch.float32))
     return params
-
-
-def _class_index(dataset_name):
-    from detectron2.data import MetadataCatalog
-
-    mapping = MetadataCatalog.get(dataset_name).get("thing_dataset_id_to_contiguous_id", None)
-    return (lambda c: mapping[c]) if mapping else (lambda c: c)
 
 
 def parse_args(argv=None):

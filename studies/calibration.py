@@ -23,8 +23,9 @@ import tempfile
 
 from tabulate import tabulate
 
+from studies.table import PLATELETS
+
 RUNS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bccd_calibration_runs")
-PLATELETS = "Platelets"
 # The trained models and what is applied to them at inference (the page's candidates).
 MODELS = ("paper", "paper+corr", "rem", "is")
 CANDIDATES = MODELS + tuple(f"{m}+cal" for m in MODELS)

@@ -15,6 +15,7 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
 __all__ = [
     "apply_platt",
+    "class_index",
     "detection_ece",
     "fit_platt",
     "match_detections",
@@ -24,9 +25,10 @@ __all__ = [
 ]
 
 
-def _contiguous_class(meta):
-    """Maps a COCO result's category_id to the model's class index (COCOEvaluator writes
-    the dataset's ids when the metadata maps them, else the indices themselves)."""
+def class_index(dataset_name=None):
+    """Maps a COCO result's category_id to the model's class index: COCOEvaluator writes the
+    dataset's ids when the dataset's metadata maps them, else the indices themselves."""
+    meta = MetadataCatalog.get(dataset_name) if dataset_name else None
     mapping = meta.get("thing_dataset_id_to_contiguous_id", None) if meta is not None else None
     return (lambda c: mapping[c]) if mapping else (lambda c: c)
 
@@ -54,7 +56,7 @@ def matched_flags(detections, dataset_dicts, *, iou_thresh=0.5, dataset_name=Non
         matched: (D,) bool, aligned with `detections`.
         num_gt: the number of ground-truth boxes (crowd boxes left out).
     """
-    to_class = _contiguous_class(MetadataCatalog.get(dataset_name) if dataset_name else None)
+    to_class = class_index(dataset_name)
     per_image = {}
     for index, d in enumerate(detections):
         per_image.setdefault(d["image_id"], []).append(index)
