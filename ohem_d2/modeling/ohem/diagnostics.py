@@ -61,21 +61,21 @@ def log_mining(
     labels = torch.cat([h.gt_classes for h in hard])
     is_bg = labels == background
     device = candidate_losses.device
-    # One vector of sums, reduced over the processes at once (one sync per iteration).
+    # One vector of sums, on the device, reduced over the processes and read at once (one
+    # sync per iteration).
+    counts_known = torch.tensor(
+        [len(proposals), candidate_losses.numel(), sum(num_after_nms), labels.numel()],
+        dtype=torch.float64,
+        device=device,
+    )
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    suspect_counts = torch.stack(
+        [torch.cat([h.suspect_bg for h in hard]).sum(), sum(s.sum() for s in suspects) + zero]
+    )
     sums = torch.cat(
         [
-            torch.tensor(
-                [
-                    len(proposals),
-                    candidate_losses.numel(),
-                    sum(num_after_nms),
-                    labels.numel(),
-                    int(torch.cat([h.suspect_bg for h in hard]).sum()),
-                    int(sum(s.sum() for s in suspects)) if suspects else 0,
-                ],
-                dtype=torch.float64,
-                device=device,
-            ),
+            counts_known,
+            suspect_counts.double(),
             candidate_losses.double().sum().reshape(1),
             hard_losses.double().sum().reshape(1),
             torch.bincount(labels, minlength=background + 1).double(),

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from detectron2.layers import cat
+from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss, smooth_l1_loss
@@ -172,8 +173,6 @@ def weighted_box_losses(
     with each RoI's term multiplied by its ``ohem_weight`` and the sum divided by the number
     of images (each image's weights sum to about 1, where the predictor's own losses give
     each of an image's B RoIs 1/B)."""
-    from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
-
     scores = predictions[0]
     _log_classification_stats(scores, cat([p.gt_classes for p in proposals], dim=0))
     cls_loss, box_loss = per_roi_loss_terms(box_predictor, predictions, proposals)
